@@ -1,0 +1,275 @@
+"""Checkpoints: atomic save (temp folder, manifest, fsync, rename, `latest` last), verify, resume, prune.
+
+Layout of `RUN_DIR/checkpoints/step-N/`:
+  accelerate/          accelerator.save_state output: trainable weights (safetensors), optimizer state
+                       (under DeepSpeed: its own folder, one optimizer shard per rank)
+  adapter/             the consolidated PEFT adapter (LoRA runs), loadable without DeepSpeed
+  trainer_state.json   TrainState (step, epoch, cursor, samples/tokens seen, data seed)
+  rng/rank-R.json      python, numpy, torch (and CUDA) RNG of every rank, as JSON: nothing pickled
+  config.yaml          the resolved recipe; its hash is in trainer_state.json
+  manifest.json        size and sha256 of every file above; written last, before the rename
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.config import Recipe, dump_yaml, recipe_hash
+from trainer.errors import UserError
+from trainer.state import TrainState
+
+PREFIX = "step-"
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------- save
+def save(accelerator, model, run_dir: Path, state: TrainState, recipe: Recipe, extra_state: dict | None = None,
+         log=print) -> Path:
+    """Called on every rank. Returns the final checkpoint folder."""
+    t0 = time.perf_counter()
+    root = checkpoints_dir(run_dir)
+    final = root / f"{PREFIX}{state.step}"
+    tmp = root / f".tmp-{PREFIX}{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True, **_save_kwargs(accelerator))
+    _write_json(tmp / "rng" / f"rank-{accelerator.process_index}.json", rng_state())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _drop_accelerate_pickles(tmp / "accelerate")
+        unwrapped = accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "peft_config"):
+            save_adapter(accelerator, model, tmp / "adapter")
+        state_dict = {**state.to_dict(), "recipe_hash": recipe_hash(recipe),
+                      "world_size": accelerator.num_processes,
+                      "distributed_type": str(accelerator.distributed_type).split(".")[-1], **(extra_state or {})}
+        _write_json(tmp / "trainer_state.json", state_dict)
+        (tmp / "config.yaml").write_text(dump_yaml(recipe))
+        write_manifest(tmp)
+        _fsync_tree(tmp)
+        if final.exists():  # same step saved before (e.g. a re-run after the final save): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_latest(root, final.name)
+        prune(root, recipe.train.keep_last)
+        log(f"checkpoint: {final} ({dir_bytes(final) / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s)")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_adapter(accelerator, model, out: Path) -> None:
+    """The consolidated adapter. Under ZeRO-2 parameters are whole on every rank (only optimizer state and
+    gradients are partitioned), so the unwrapped model's trainable weights are complete."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(str(out), safe_serialization=True)
+
+
+def _save_kwargs(accelerator) -> dict:
+    if _is_deepspeed(accelerator):
+        return {"exclude_frozen_parameters": True}  # LoRA: never copy the frozen base into a checkpoint
+    return {}
+
+
+def _is_deepspeed(accelerator) -> bool:
+    return str(accelerator.distributed_type).endswith("DEEPSPEED")
+
+
+def install_trainable_only_hook(accelerator) -> None:
+    """accelerate saves `model.state_dict()` (the frozen base too); keep only trainable tensors."""
+    def keep_trainable(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            names = {n for n, p in model.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in names]:
+                del state[key]
+    accelerator.register_save_state_pre_hook(keep_trainable)
+
+
+def _drop_accelerate_pickles(folder: Path) -> None:
+    # accelerate also pickles RNG states; ours are JSON (rng/), and we never unpickle on resume.
+    for f in folder.glob("random_states_*.pkl"):
+        f.unlink()
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    out = {"python": [py[0], list(py[1]), py[2]],
+           "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+           "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(d: dict) -> None:
+    random.setstate((d["python"][0], tuple(d["python"][1]), d["python"][2]))
+    n = d["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(d["torch"], dtype=torch.uint8))
+    if "cuda" in d and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in d["cuda"]])
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
+    _write_json(folder / "manifest.json", {"files": manifest})
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong."""
+    mf = folder / "manifest.json"
+    if not mf.exists():
+        return "no manifest.json (incomplete save)"
+    try:
+        files = json.loads(mf.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return "manifest.json is unreadable"
+    for rel, meta in files.items():
+        p = folder / rel
+        if not p.exists():
+            return f"{rel} is missing"
+        if p.stat().st_size != meta["bytes"]:
+            return f"{rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']}"
+        if sha256(p) != meta["sha256"]:
+            return f"{rel} checksum mismatch"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- find / prune
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, newest first (temp folders are never listed)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+
+
+def find_resumable(run_dir: Path, log=print) -> Path | None:
+    """The newest checkpoint that verifies against its manifest; broken ones are reported by name."""
+    for ckpt in list_checkpoints(run_dir):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        log(f"checkpoint: skipping {ckpt}: {problem}")
+    return None
+
+
+def prune(root: Path, keep_last: int) -> None:
+    for old in list_checkpoints(root.parent)[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / "latest.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / "latest")
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def load(accelerator, ckpt: Path) -> TrainState:
+    """Restore model/optimizer (accelerate), this rank's RNG, and the trainer state. Every rank calls it."""
+    kwargs = {"load_module_strict": False} if _is_deepspeed(accelerator) else {"strict": False}
+    accelerator.load_state(str(ckpt / "accelerate"), **kwargs)
+    rng_file = ckpt / "rng" / f"rank-{accelerator.process_index}.json"
+    if rng_file.exists():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return TrainState.from_dict(json.loads((ckpt / "trainer_state.json").read_text()))
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+# Changing these would make the saved weights, optimizer state or data position meaningless.
+BREAKING = ["model.name_or_path", "model.quantization", "lora", "data.path", "data.format", "data.columns",
+            "data.max_seq_len", "data.packing", "data.train_on", "data.val_fraction", "data.test_fraction",
+            "data.split_seed", "train.optimizer"]
+
+
+def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(breaking, harmless) differences between the checkpoint's recipe and this one, as 'key: a -> b'."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            if isinstance(v, dict) and k != "columns":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    a, b = flat(old), flat(new)
+    if (old.get("lora") is None) != (new.get("lora") is None):
+        a["lora"], b["lora"] = old.get("lora"), new.get("lora")
+    breaking, harmless = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key) or key == "output_dir":
+            continue
+        line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+        (breaking if any(key == k or key.startswith(k + ".") for k in BREAKING) else harmless).append(line)
+    return breaking, harmless
+
+
+def check_compatible(ckpt: Path, recipe: Recipe) -> list[str]:
+    """Raise UserError if the recipe changed in a way the checkpoint cannot follow; return harmless changes."""
+    import yaml
+    from trainer.config import to_dict
+
+    old = yaml.safe_load((ckpt / "config.yaml").read_text())
+    breaking, harmless = recipe_differences(old, to_dict(recipe))
+    if breaking:
+        raise UserError(f"{ckpt}: cannot resume, the recipe changed in ways this checkpoint cannot follow: "
+                        + "; ".join(breaking) + ". Restore those values, or start over with --fresh.")
+    return harmless
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with p.open("rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
+        _fsync_dir(d)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

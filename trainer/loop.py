@@ -1,0 +1,203 @@
+"""The training loop: `train_step` (accumulate, normalise, clip, step) and `train` (steps, eval, save, stop)."""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint
+from trainer.config import Recipe
+from trainer.data import IGNORE, collate, count_targets
+from trainer.evaluate import dataset_loss
+from trainer.model import token_loss_sum
+from trainer.optim import lr_at, set_lr
+from trainer.state import TrainState, epoch_order, step_rows
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; a requeued job resumes from the checkpoint just written
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Plan:
+    """How many optimizer steps, derived once from the data size and the recipe."""
+    rows: int
+    rows_per_step: int       # global: micro_batch * grad_accum * world
+    steps_per_epoch: int
+    total_steps: int
+
+
+def make_plan(n_rows: int, recipe: Recipe, world: int) -> Plan:
+    t = recipe.train
+    per_step = t.micro_batch_size * t.grad_accum * world
+    steps_per_epoch = max(1, math.ceil(n_rows / per_step))
+    total = t.max_steps if t.max_steps is not None else steps_per_epoch * t.epochs
+    return Plan(n_rows, per_step, steps_per_epoch, total)
+
+
+def micro_batches(rows, state: TrainState, plan: Plan, recipe: Recipe, world: int, rank: int, pad_id: int):
+    """This rank's micro-batches for the next step, and the sample ids they hold."""
+    order = epoch_order(plan.rows, state.data_seed, state.epoch)
+    slices = step_rows(order, state.cursor, recipe.train.micro_batch_size, recipe.train.grad_accum, world, rank)
+    batches, sample_ids = [], []
+    for idx in slices:
+        if idx:
+            picked = rows.select(idx)
+            batches.append(collate(picked, pad_id))
+            sample_ids += [s for row in picked["sample_ids"] for s in row]
+        else:  # end of epoch: an empty slot still runs (collectives stay in step) and trains nothing
+            batches.append(collate([{"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}], pad_id))
+            batches[-1].update(n_rows=torch.tensor(0), n_tokens=torch.tensor(0))
+    return batches, sample_ids
+
+
+def train_step(accelerator, model, optimizer, batches: list[dict], max_grad_norm: float) -> dict:
+    """One optimizer step over this rank's micro-batches.
+
+    The loss is the sum of token losses divided by the target tokens of the whole step (all micro-batches,
+    all ranks). accelerate divides by grad_accum and DDP averages over ranks, so the backward loss is scaled
+    by grad_accum * world to undo both: the gradient is then exactly d(mean target-token loss)/dw, whatever
+    the split into micro-batches and ranks.
+    """
+    device = accelerator.device
+    local = torch.tensor(float(sum(count_targets(b["labels"]) for b in batches)), dtype=torch.float64, device=device)
+    n_targets = accelerator.reduce(local, reduction="sum").item()
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(n_targets, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")}
+        with accelerator.accumulate(model), accelerator.autocast():
+            step_loss, _ = token_loss_sum(model, batch)
+            accelerator.backward(step_loss * scale)
+        loss_sum += step_loss.detach().double()
+    loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(n_targets, 1.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    grad_norm = float(grad_norm) if grad_norm is not None else _engine_grad_norm(model)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "grad_norm": grad_norm, "finite": finite, "targets": n_targets}
+
+
+def _engine_grad_norm(model) -> float:
+    norm = getattr(model, "get_global_grad_norm", lambda: None)()
+    return float(norm) if norm is not None else float("nan")
+
+
+@dataclass
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1 (schedulers' preemption signals); the loop finishes the step, saves, exits."""
+    signum: int | None = None
+    previous: dict = field(default_factory=dict)
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(recipe: Recipe, accelerator, model, optimizer, rows, val_rows, state: TrainState, plan: Plan,
+          tracker, run_dir: Path, pad_id: int) -> dict:
+    """Run optimizer steps until plan.total_steps; returns the final metrics. Every rank runs this."""
+    t = recipe.train
+    world, rank = accelerator.num_processes, accelerator.process_index
+    stop = StopRequest().install()
+    model.train()
+    last = {"loss": float("nan")}
+    window = {"tokens": 0, "targets": 0, "slots": 0, "time": 0.0}
+    session_start = time.perf_counter()
+    wall_at_start = state.wall_time
+    try:
+        while state.step < plan.total_steps:
+            t0 = time.perf_counter()
+            set_lr(optimizer, lr_at(state.step, t, plan.total_steps))
+            batches, sample_ids = micro_batches(rows, state, plan, recipe, world, rank, pad_id)
+            out = train_step(accelerator, model, optimizer, batches, t.max_grad_norm)
+            counts = accelerator.reduce(torch.tensor(
+                [sum(int(b["n_rows"]) for b in batches), sum(int(b["n_tokens"]) for b in batches),
+                 sum(b["input_ids"].numel() for b in batches), len(sample_ids),
+                 float(stop.signum is not None)], dtype=torch.float64, device=accelerator.device), "sum").tolist()
+            _, tokens, slots, samples, stop_votes = counts
+            if out["finite"]:
+                state.bad_steps_in_row = 0
+            else:
+                state.bad_steps_in_row += 1
+                state.skipped_steps += 1
+                tracker.print(f"step {state.step + 1}: non-finite loss/grad norm ({out['loss']}, {out['grad_norm']}); "
+                              f"step skipped; samples {sorted(sample_ids)[:20]} on rank {rank}")
+                if state.bad_steps_in_row >= t.max_bad_steps:
+                    raise NonFiniteLoss(f"{state.bad_steps_in_row} non-finite steps in a row at step {state.step + 1}; "
+                                        "stopping. The last good checkpoint is kept; lower train.lr or check the data.")
+            advance(state, plan, samples=int(samples), tokens=int(tokens), targets=int(out["targets"]))
+            dt = time.perf_counter() - t0
+            window["tokens"] += tokens
+            window["targets"] += out["targets"]
+            window["slots"] += slots
+            window["time"] += dt
+            state.wall_time = wall_at_start + time.perf_counter() - session_start
+            last = {"loss": out["loss"], "grad_norm": out["grad_norm"]}
+            tracker.advance(state.step)
+            if state.step % t.log_every == 0 or state.step == plan.total_steps:
+                tracker.log(state.step, {
+                    "epoch": state.epoch, "loss": out["loss"], "lr": lr_at(state.step - 1, t, plan.total_steps),
+                    "grad_norm": out["grad_norm"], "tokens_per_s": window["tokens"] / window["time"],
+                    "target_tokens_per_s": window["targets"] / window["time"],
+                    "padding_frac": 1 - window["tokens"] / max(window["slots"], 1),
+                    "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
+                    "mem_gib": peak_memory_gib(), "elapsed_s": state.wall_time,
+                    "skipped": state.skipped_steps})
+                window = {"tokens": 0, "targets": 0, "slots": 0, "time": 0.0}
+            if val_rows is not None and (state.step % t.eval_every == 0 or state.step == plan.total_steps):
+                ev = dataset_loss(model, val_rows, batch_size=t.eval_batch_size, pad_id=pad_id,
+                                  device=accelerator.device, rank=rank, world=world, reduce=_sum(accelerator),
+                                  max_batches=t.max_eval_batches)
+                last.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
+                tracker.log(state.step, {"epoch": state.epoch, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
+            preempted = stop_votes > 0
+            if state.step % t.save_every == 0 or state.step == plan.total_steps or preempted:
+                checkpoint.save(accelerator, model, run_dir, state, recipe, log=tracker.print)
+            if preempted:
+                tracker.print(f"preempted (signal {stop.signum}): checkpoint saved at step {state.step}; "
+                              f"exiting with code {PREEMPTED_EXIT}; rerun the same command to resume")
+                last["preempted"] = True
+                break
+    finally:
+        stop.restore()
+    return last
+
+
+def advance(state: TrainState, plan: Plan, *, samples: int, tokens: int, targets: int) -> None:
+    state.step += 1
+    state.samples_seen += samples
+    state.tokens_seen += tokens
+    state.target_tokens_seen += targets
+    state.cursor += plan.rows_per_step
+    if state.cursor >= plan.rows:
+        state.epoch += 1
+        state.cursor = 0
+
+
+def _sum(accelerator):
+    return lambda t: accelerator.reduce(t, reduction="sum")
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,0 +1,148 @@
+"""`trainer train`: the setup sequence, one small step each, then the loop.
+
+config -> accelerator -> run folder / resume decision -> tokenizer -> data -> model -> optimizer
+-> accelerator.prepare -> checkpoint.load -> loop.train -> final adapter + run_summary.json
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint
+from trainer.config import Recipe, dump_yaml
+from trainer.data import describe, prepare_data
+from trainer.distributed import build_accelerator, main_first, world_info
+from trainer.errors import UserError
+from trainer.loop import PREEMPTED_EXIT, NonFiniteLoss, make_plan, peak_memory_gib, train
+from trainer.model import build_model, load_tokenizer
+from trainer.optim import build_optimizer
+from trainer.state import TrainState
+from trainer.tracking import make_tracker
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_progress: bool = True) -> dict:
+    """Train per the recipe; returns run_summary (also written to RUN_DIR/run_summary.json on rank 0)."""
+    started = time.perf_counter()
+    accelerator = _setup_accelerator(recipe)
+    log = _logger(accelerator)
+    run_dir = Path(recipe.output_dir)
+    ckpt = _setup_resume(run_dir, recipe, resume, fresh, accelerator, log)
+    torch.manual_seed(recipe.train.seed)
+
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(recipe.model.name_or_path)
+    with main_first(accelerator):  # rank 0 tokenizes and fills the cache, the others read it
+        data = prepare_data(recipe.data, tokenizer, log=log)
+    log(f"data: {describe(data.stats)} ({time.perf_counter() - t0:.1f} s)")
+
+    t0 = time.perf_counter()
+    model = build_model(recipe.model, recipe.lora, device_map=_device_map(recipe, accelerator), log=log)
+    log(f"model: loaded in {time.perf_counter() - t0:.1f} s")
+    optimizer = build_optimizer(model, recipe.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpoint.install_trainable_only_hook(accelerator)
+
+    state = TrainState(data_seed=recipe.train.seed)
+    if ckpt is not None:
+        state = checkpoint.load(accelerator, ckpt)
+        log(f"resume: from {ckpt} at step {state.step} (epoch {state.epoch}, {state.samples_seen} samples seen)")
+    plan = make_plan(len(data.train), recipe, accelerator.num_processes)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(recipe))
+    tracker = make_tracker(accelerator.is_main_process, run_dir, plan.total_steps, state.step, show_progress)
+    log(f"train: {plan.total_steps} steps of {plan.rows_per_step} rows ({plan.steps_per_epoch} per epoch), "
+        f"{world_info(accelerator)['world_size']} process(es), {world_info(accelerator)['distributed_type']}")
+    steps_before, tokens_before, wall_before = state.step, state.tokens_seen, state.wall_time
+    try:
+        last = train(recipe, accelerator, model, optimizer, data.train, data.val, state, plan, tracker, run_dir,
+                     tokenizer.pad_token_id)
+    except NonFiniteLoss as err:
+        tracker.close()
+        raise UserError(str(err)) from None
+    tracker.close()
+
+    if accelerator.is_main_process and not last.get("preempted"):
+        _save_final(accelerator, model, tokenizer, run_dir)
+    summary = {**world_info(accelerator), "steps": state.step, "epochs_completed": state.epoch,
+               "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
+               "target_tokens_seen": state.target_tokens_seen, "skipped_steps": state.skipped_steps,
+               "train_wall_s": round(state.wall_time, 3), "process_wall_s": round(time.perf_counter() - started, 3),
+               "tokens_per_s": round((state.tokens_seen - tokens_before) / max(state.wall_time - wall_before, 1e-9), 2),
+               "steps_this_session": state.step - steps_before, "peak_mem_gib": round(peak_memory_gib(), 3),
+               "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
+               "final_eval_ppl": last.get("eval_ppl"), "data": data.stats, "preempted": bool(last.get("preempted"))}
+    if accelerator.is_main_process:
+        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    if last.get("preempted"):
+        raise SystemExit(PREEMPTED_EXIT)
+    return summary
+
+
+def _setup_accelerator(recipe: Recipe):
+    t = recipe.train
+    if recipe.model.dtype == "fp16" and not torch.cuda.is_available():
+        raise UserError("model.dtype=fp16 needs a GPU; on CPU use bf16 or fp32")
+    if recipe.model.quantization == "nf4" and recipe.lora is None:
+        raise UserError("model.quantization=nf4 needs lora")
+    return build_accelerator(grad_accum=t.grad_accum, mixed_precision=MIXED_PRECISION[recipe.model.dtype],
+                             micro_batch_size=t.micro_batch_size, max_grad_norm=t.max_grad_norm)
+
+
+def _setup_resume(run_dir: Path, recipe: Recipe, resume: str | None, fresh: bool, accelerator, log):
+    """Which checkpoint to resume from (None: start at step 0). Decided before anything heavy is loaded."""
+    if resume:
+        ckpt = Path(resume)
+        if not ckpt.is_dir():
+            raise UserError(f"--resume {ckpt}: no such checkpoint folder")
+        problem = checkpoint.verify(ckpt)
+        if problem:
+            raise UserError(f"--resume {ckpt}: {problem}; pick another checkpoint from {ckpt.parent}")
+    elif fresh:
+        if checkpoint.list_checkpoints(run_dir) or (run_dir / "metrics.csv").exists():
+            # Nothing on disk is lost: the previous run moves aside.
+            if accelerator.is_main_process:
+                aside = run_dir.parent / f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.move(str(run_dir), aside)
+                log(f"--fresh: starting over; the previous run moved to {aside}")
+            accelerator.wait_for_everyone()
+        return None
+    else:
+        ckpt = checkpoint.find_resumable(run_dir, log=log)
+        if ckpt is None:
+            return None
+    for change in checkpoint.check_compatible(ckpt, recipe):
+        log(f"resume: recipe change accepted: {change}")
+    return ckpt
+
+
+def _device_map(recipe: Recipe, accelerator):
+    if recipe.model.quantization != "nf4":
+        return None
+    # Each process loads its own 4-bit copy on its own device (QLoRA under DDP).
+    return {"": accelerator.device.index if accelerator.device.type == "cuda" else "cpu"}
+
+
+def _save_final(accelerator, model, tokenizer, run_dir: Path) -> None:
+    unwrapped = accelerator.unwrap_model(model)
+    if hasattr(unwrapped, "peft_config"):
+        out = run_dir / "adapter"
+        unwrapped.save_pretrained(str(out), safe_serialization=True)
+    else:
+        out = run_dir / "model"
+        unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=accelerator.get_state_dict(model))
+    tokenizer.save_pretrained(str(out))  # the exact tokenizer and chat template used in training
+
+
+def _logger(accelerator):
+    def log(message: str) -> None:
+        if accelerator.is_main_process:
+            print(message, flush=True)
+    return log
