@@ -37,18 +37,34 @@ only switches to DEEPSPEED `elif ... ACCELERATE_USE_DEEPSPEED ... and not cpu`, 
 becomes plain DDP. Initialising the process group ourselves before the Accelerator is not a fix either:
 step 3 keys on `self.backend is None`, not on whether a group exists.
 
+The same hole, without DeepSpeed: DDP on CPU
+--------------------------------------------
+`distributed_type: MULTI_CPU` in an accelerate yaml does not start N processes with torchrun: without an
+mpirun hostfile `launch_command` falls through to `simple_launcher`, which runs ONE process (whatever
+--num_processes says). The only torchrun path for plain DDP is `distributed_type: MULTI_GPU`
+(`multi_gpu_launcher`), which does not set ACCELERATE_USE_CPU either (`prepare_multi_gpu_env`), so on a
+machine without a GPU each worker again ends in the "No backend" branch: distributed_type NO, 1 process,
+no process group at all, every rank trains alone. Here the designed path is `cpu=True`:
+`_prepare_backend(cpu=True)` returns MULTI_CPU + gloo (mpi if available), `PartialState.__init__`
+initialises the gloo group from RANK/WORLD_SIZE and `prepare()` wraps the model in DDP.
+(accelerate_configs/cpu_gloo_ddp.yaml is therefore MULTI_GPU + use_cpu: true; inside it is MULTI_CPU.)
+
 The fix (one place: `build_accelerator`)
 ----------------------------------------
-When the launch is DeepSpeed, the process was started by a distributed launcher (LOCAL_RANK set) and
-DeepSpeed's accelerator is the CPU, pass `InitProcessGroupKwargs(backend=<DeepSpeed's CPU comm backend,
-"gloo">)` to the Accelerator. That public kwarg reaches `PartialState(cpu=False, backend="gloo")`:
-`_prepare_backend` returns the backend it was given ("gloo"), so `self.backend` is not None; the
-DeepSpeed branch calls `deepspeed.comm.init_distributed(dist_backend="gloo")` (the same group DeepSpeed
-would have made on its own); and the ranks are then read from torch.distributed
-(`num_processes = get_world_size()`, `process_index = get_rank()`, `local_process_index = LOCAL_RANK`).
-`set_device` keeps `cpu` (distributed_type is still NO there, and `default_device` is cpu) and
-distributed_type becomes DEEPSPEED, so `_prepare_deepspeed` builds the real DeepSpeed engine (ZeRO
-stage from the json) over gloo. On a GPU none of this triggers: accelerate picks nccl itself.
+Only when the process was started by a distributed launcher (LOCAL_RANK set) and accelerate's own device
+probe (the list in `_prepare_backend`) finds no device:
+
+* DeepSpeed launch: pass `InitProcessGroupKwargs(backend=<DeepSpeed's comm backend: "gloo">)`. That public
+  kwarg reaches `PartialState(cpu=False, backend="gloo")`: `_prepare_backend` returns the backend it was
+  given, so `self.backend` is not None; the DeepSpeed branch calls
+  `deepspeed.comm.init_distributed(dist_backend="gloo")` (the group DeepSpeed would have made anyway); the
+  ranks are then read from torch.distributed (`num_processes = get_world_size()`, `process_index =
+  get_rank()`, `local_process_index = LOCAL_RANK`); `set_device` keeps `cpu`; distributed_type becomes
+  DEEPSPEED, so `_prepare_deepspeed` builds the real DeepSpeed engine (ZeRO stage from the json) over gloo.
+* Any other launch: `Accelerator(cpu=True)` -> MULTI_CPU over gloo (above).
+
+On a GPU none of this triggers: accelerate picks nccl itself. After construction `build_accelerator`
+checks `accelerator.num_processes == WORLD_SIZE` and raises instead of training with N "main" processes.
 
 "auto" values in the DeepSpeed json
 -----------------------------------
@@ -110,18 +126,32 @@ def _num_nodes() -> int | None:
     return 1 if not _launched_distributed() else None
 
 
-def _deepspeed_cpu_comm_backend() -> str | None:
-    """DeepSpeed's comm backend when DeepSpeed runs on the CPU ("gloo", or "ccl" with oneCCL), else None.
+def _accelerate_finds_device() -> bool:
+    """Whether `PartialState._prepare_backend` (accelerate/state.py) finds a device backend for a launched
+    process: the same probes, in the same spirit (XLA, MLU, SDAA, MUSA, NPU, HPU, CUDA, XPU+XCCL, Neuron)."""
+    import torch
+    import accelerate.utils as au
 
-    DeepSpeed picks its accelerator from DS_ACCELERATOR or by probing (deepspeed/accelerator/
-    real_accelerator.py::get_accelerator), falling back to CPU_Accelerator when no device is found.
-    """
+    def probe(name: str, *args) -> bool:
+        fn = getattr(au, name, None)  # some probes do not exist in older accelerate versions
+        return bool(fn(*args)) if fn is not None else False
+
+    if torch.cuda.is_available():
+        return True
+    if probe("is_xpu_available") and probe("is_xccl_available"):
+        return True
+    return any(probe(name) for name in ("is_torch_xla_available", "is_mlu_available", "is_sdaa_available",
+                                        "is_musa_available", "is_npu_available", "is_hpu_available",
+                                        "is_neuron_available"))
+
+
+def _deepspeed_comm_backend() -> str:
+    """DeepSpeed's own choice of comm backend: on the CPU accelerator "gloo", or "ccl" with oneCCL bindings
+    (deepspeed/accelerator/cpu_accelerator.py; the accelerator itself comes from DS_ACCELERATOR or probing in
+    deepspeed/accelerator/real_accelerator.py::get_accelerator, with CPU as the fallback)."""
     from deepspeed.accelerator import get_accelerator
 
-    ds_accelerator = get_accelerator()
-    if ds_accelerator.device_name() != "cpu":
-        return None
-    return ds_accelerator.communication_backend_name()
+    return get_accelerator().communication_backend_name()
 
 
 # ----------------------------------------------------------------------------------------------- DeepSpeed config
@@ -184,6 +214,8 @@ def build_accelerator(*, grad_accum: int, mixed_precision: str, micro_batch_size
 
     kwargs_handlers = []
     deepspeed_plugin = None
+    cpu = False
+    no_device_launch = _launched_distributed() and not _accelerate_finds_device()
     if launched_with_deepspeed():
         if _env_flag("ACCELERATE_USE_CPU"):
             # AcceleratorState ignores DeepSpeed when cpu=True (state.py: `... and not cpu`): plain DDP instead.
@@ -197,15 +229,16 @@ def build_accelerator(*, grad_accum: int, mixed_precision: str, micro_batch_size
                               max_grad_norm=max_grad_norm, world_size=_env_world_size(), source=source)
         deepspeed_plugin.gradient_accumulation_steps = grad_accum
         deepspeed_plugin.gradient_clipping = float(max_grad_norm)
-        if _launched_distributed():
-            backend = _deepspeed_cpu_comm_backend()
-            if backend is not None:
-                # THE fix (module doc): give PartialState a backend so it reads ranks from torch.distributed.
-                kwargs_handlers.append(InitProcessGroupKwargs(backend=backend))
+        if no_device_launch:
+            # The fix (module doc): give PartialState a backend, so it reads the ranks from torch.distributed.
+            kwargs_handlers.append(InitProcessGroupKwargs(backend=_deepspeed_comm_backend()))
+    elif no_device_launch:
+        cpu = True  # torchrun-launched DDP without a GPU: MULTI_CPU over gloo (module doc)
 
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
+        cpu=cpu,
         deepspeed_plugin=deepspeed_plugin,
         kwargs_handlers=kwargs_handlers or None,
         log_with=log_with,

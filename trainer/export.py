@@ -142,9 +142,9 @@ class _ModelParams:
 def _model_params(model_dir: Path) -> _ModelParams:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        hint = " It holds a LoRA adapter: merge it into the base model first." if (
-            model_dir / "adapter_config.json"
-        ).is_file() else ""
+        hint = ""
+        if (model_dir / "adapter_config.json").is_file():
+            hint = " It holds a LoRA adapter: merge it into the base model first."
         raise UserError(f"GGUF export: {config_path} is missing; export needs a merged model folder.{hint}")
     try:
         raw = json.loads(config_path.read_text())

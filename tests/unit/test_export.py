@@ -38,10 +38,14 @@ MESSAGES = [
     {"role": "user", "content": "Say hello."},
     {"role": "assistant", "content": "hello"},
 ]
-# Max abs logits difference allowed against the float32 original. The tiny model's logits are O(1)
-# (std ~0.8, see _build_model); measured: f16 ~1e-3, q8_0 ~1e-2.
-F16_TOLERANCE = 5e-2
-Q8_0_TOLERANCE = 5e-1
+# Allowed |logits| difference against the float32 original, on a padded batch of 3 strings. The tiny
+# model's logits have std ~1 and max ~4-5 (initializer_range 1/sqrt(hidden), see _build_model), and
+# the weights themselves are checked to come back exactly as f16 / q8_0 stores them, so these bound
+# storage rounding only. Measured (torch 2.13 CPU): f16 max 6e-3 mean 8e-4; q8_0 max 0.20 mean 0.02.
+F16_TOLERANCE = 2e-2
+F16_MEAN_TOLERANCE = 3e-3
+Q8_0_TOLERANCE = 0.5
+Q8_0_MEAN_TOLERANCE = 0.06
 
 
 @pytest.fixture(autouse=True)
@@ -231,7 +235,7 @@ def test_f16_roundtrip_through_transformers(model_dir, tmp_path):
 
     diff, mean = _roundtrip(model_dir, out, _f16)
     print(f"f16 ({'tied' if tied else 'untied'}): {facts['bytes']} bytes, |logits diff| max {diff:.3g} mean {mean:.2g}")
-    assert diff < F16_TOLERANCE
+    assert diff < F16_TOLERANCE and mean < F16_MEAN_TOLERANCE
 
 
 def test_q8_0_roundtrip_through_transformers(model_dir, tmp_path):
@@ -247,7 +251,7 @@ def test_q8_0_roundtrip_through_transformers(model_dir, tmp_path):
     diff, mean = _roundtrip(model_dir, out, _q8_0)
     tied = json.loads((model_dir / "config.json").read_text())["tie_word_embeddings"]
     print(f"q8_0 ({'tied' if tied else 'untied'}): {facts['bytes']} bytes, |logits diff| max {diff:.3g} mean {mean:.2g}")
-    assert diff < Q8_0_TOLERANCE
+    assert diff < Q8_0_TOLERANCE and mean < Q8_0_MEAN_TOLERANCE
 
 
 def test_metadata_is_what_llama_cpp_reads(model_dir, tmp_path):
@@ -319,7 +323,7 @@ def test_mistral_without_sliding_window_exports_as_llama(tokenizer_dir, tmp_path
     assert facts["architecture"] == "mistral"
     diff, mean = _roundtrip(model_dir, out, _f16)
     print(f"mistral f16: |logits diff| max {diff:.3g} mean {mean:.2g}")
-    assert diff < F16_TOLERANCE
+    assert diff < F16_TOLERANCE and mean < F16_MEAN_TOLERANCE
 
 
 def test_llama3_rope_factors_match_transformers():
@@ -356,3 +360,26 @@ def test_non_llama_architecture_is_refused(tmp_path):
 def test_unknown_outtype_is_refused(tmp_path):
     with pytest.raises(UserError, match="q8_0"):
         export_gguf(tmp_path, tmp_path / "model.gguf", outtype="q4_k")
+
+
+def test_unrecognised_pre_tokenizer_is_refused(model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    spec = json.loads((copy / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    (copy / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="pre-tokenizer"):
+        export_gguf(copy, tmp_path / "out" / "model.gguf")
+    assert not (tmp_path / "out" / "model.gguf").exists()
+
+
+def test_q8_0_falls_back_to_f16_for_rows_not_a_multiple_of_32():
+    from trainer.export import _choose_qtype
+
+    T = gguf.GGMLQuantizationType
+    assert _choose_qtype("blk.0.ffn_down.weight", (64, 128), "q8_0") == T.Q8_0
+    assert _choose_qtype("blk.0.ffn_down.weight", (64, 100), "q8_0") == T.F16
+    assert _choose_qtype("blk.0.attn_norm.weight", (64,), "q8_0") == T.F32
+    assert _choose_qtype("blk.0.attn_q.bias", (64,), "f16") == T.F32
