@@ -186,8 +186,13 @@ def fill_deepspeed_config(config: dict, *, grad_accum: int, mixed_precision: str
             if str(current).lower() != str(value).lower():
                 problems.append(f"{source}: {dotted}={current} but the recipe says {value}; set it to \"auto\"")
             node[leaf] = value
-        elif float(current) != float(value):
-            problems.append(f"{source}: {dotted}={current} but the recipe says {value}; set it to \"auto\"")
+        else:
+            try:
+                agrees = float(current) == float(value)
+            except (TypeError, ValueError):
+                agrees = False
+            if not agrees:
+                problems.append(f"{source}: {dotted}={current} but the recipe says {value}; set it to \"auto\"")
     if problems:
         raise UserError("\n".join(problems))
     return config
@@ -219,8 +224,8 @@ def build_accelerator(*, grad_accum: int, mixed_precision: str, micro_batch_size
     if launched_with_deepspeed():
         if _env_flag("ACCELERATE_USE_CPU"):
             # AcceleratorState ignores DeepSpeed when cpu=True (state.py: `... and not cpu`): plain DDP instead.
-            raise UserError("DeepSpeed launch with ACCELERATE_USE_CPU / --cpu would silently run plain DDP; "
-                            "drop --cpu (use accelerate_configs/cpu_gloo_zero2.yaml as is)")
+            raise UserError("ACCELERATE_USE_CPU=true with a DeepSpeed launch: accelerate would silently run plain "
+                            "DDP instead; unset it (accelerate_configs/cpu_gloo_zero2.yaml needs nothing else)")
         # Reads ACCELERATE_DEEPSPEED_CONFIG_FILE (or the yaml's inline deepspeed_config), like Accelerator() would.
         deepspeed_plugin = DeepSpeedPlugin()
         source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the accelerate deepspeed_config")
@@ -284,13 +289,14 @@ def main_first(accelerator: Accelerator | None = None, *, local: bool = False) -
         first = accelerator.is_local_main_process if local else accelerator.is_main_process
     else:
         first = (_env_int("LOCAL_RANK", 0) or 0) == 0 if local else is_main()
+    barrier = accelerator.wait_for_everyone if accelerator is not None else _barrier
     if not first:
-        _barrier()
+        barrier()
     try:
         yield
     finally:
         if first:
-            _barrier()
+            barrier()
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:

@@ -57,15 +57,26 @@ SwiGLU, no dropout, GQA) and checked against the tensors autograd actually saves
 * SDPA with a mask (packing, or micro_batch_size > 1 with padding): the bool mask becomes an additive bias of
                    s (padded to 16) elements per token in dtype e, saved per layer; FlashAttention-2 has none.
 
-Head: final norm (as above) + 8 B/token of labels; logits: b*s*V*(e + 4) held (the model's logits output and
+Head: final norm (as above), lm_head's input when it trains, 8 B/token of labels (and of token ids when the
+embeddings train), rotary cos/sin once; logits: b*s*V*(e + 4) held (the model's logits output and
 the fp32 log-softmax kept by cross-entropy) + b*s*V*8 transient at the start of backward (fp32 gradient of the
 log-softmax output and of its input). For small models with big vocabularies these dominate.
 
 Gradient checkpointing (non-reentrant, per decoder layer) keeps r*h per token per layer (the layer inputs) plus
 one layer's full activations while it is recomputed.
 
+Autocast weight copies: under torch.autocast every fp32 trainable weight a matmul uses (LoRA A/B; in a full
+fine-tune all projections and lm_head) is cast to the compute dtype once per forward and the copy is kept until
+backward: e bytes per such parameter (about 2 B/param for a full fine-tune without DeepSpeed).
+
+Per-layer terms match, to the byte, what autograd saves for a tiny Llama on CPU (torch 2.13 / transformers 5;
+tests/unit/test_estimate.py walks the autograd graph); on CUDA only the dropout mask (bool, 1 B) and the SDPA
+kernel's choice (flash vs mem-efficient with the mask bias) differ, and both are modelled as stated above.
+With LoRA and no checkpointing the first layer saves a little less than modelled (its input needs no grad).
+
 Peak per GPU = weights + trainable + master + gradients + grad buffers + optimizer states
-             + max(activations + logits + logits gradient, optimizer-step transient) + CUDA reserve,
+             + max(activations + autocast weight copies + logits + logits gradient, optimizer-step transient)
+             + CUDA reserve,
 where the CUDA reserve (`CUDA_RESERVE_BYTES` = 1 GiB) covers the CUDA context, cuBLAS/NCCL workspaces and
 allocator fragmentation. Expect the real peak within roughly +-10% of this estimate.
 """
@@ -296,17 +307,19 @@ def adam_state_bytes(numels: Iterable[int], optimizer: str = "adamw", state_byte
 
     `adamw` (torch): 2 * state_bytes per element (fp32 params -> 8 B). `adamw_8bit` / `paged_adamw_8bit`
     (bitsandbytes): 2 uint8 states + 2 fp32 absmax per 256-element block, and fp32 states for tensors under
-    4096 elements, exactly as `Optimizer2State.init_state` allocates them.
+    4096 elements, exactly as `Optimizer2State.init_state` allocates them, plus the two 256-entry fp32 quantization
+    maps the optimizer shares between all 8-bit tensors.
     """
     if optimizer not in KNOWN_OPTIMIZERS:
         raise UserError(f"train.optimizer={optimizer!r}: the planner knows {', '.join(KNOWN_OPTIMIZERS)}")
-    total = 0
+    total, any_8bit = 0, False
     for n in numels:
         if optimizer == "adamw" or n < BNB_8BIT_MIN_SIZE:
             total += 2 * n * (state_bytes if optimizer == "adamw" else 4)
         else:
             total += 2 * n + 2 * 4 * -(-n // BNB_8BIT_BLOCKSIZE)
-    return total
+            any_8bit = True
+    return total + (2 * 256 * 4 if any_8bit else 0)
 
 
 def _as_groups(trainable_numel: int | Sequence[int]) -> list[int]:
@@ -500,6 +513,8 @@ class Estimate:
     activations: int
     activations_no_checkpointing: int
     activations_checkpointing: int
+    autocast_weights: int
+    """Compute-dtype copies of fp32 trainable weights that autocast makes and autograd keeps until backward."""
     logits: int
     logits_grad: int
     optimizer_step_transient: int
@@ -535,6 +550,8 @@ class Estimate:
             ("optimizer states", self.optimizer_states, f"{self.optimizer}{part}{offload}"),
             ("activations", self.activations, f"{ckpt}; other setting: "
              f"{_gib(self.activations_no_checkpointing if self.gradient_checkpointing else self.activations_checkpointing)} GiB"),
+            ("autocast weight copies", self.autocast_weights, f"{self.dtype} casts of fp32 trainable weights"
+             if self.autocast_weights else "none"),
             ("logits", self.logits, "model output + fp32 log-softmax"),
             ("logits gradient", self.logits_grad, "transient, start of backward"),
             ("optimizer step scratch", self.optimizer_step_transient, "transient, activations freed by then"),
@@ -626,9 +643,10 @@ def _estimate_core(recipe, model_config, *, gpus: int, gpu_mem_gib: float, nodes
     with_ckpt = d.layers * acts["layer_input"] + acts["per_layer"] + acts["head"]
     activations = with_ckpt if m.gradient_checkpointing else no_ckpt
     logits, logits_grad = acts["logits"], acts["logits_grad"]
+    autocast_w = autocast_weight_bytes(table, precision)
 
     static = weights + trainable_weights + master + gradients + grad_buffers + optimizer_states + CUDA_RESERVE_BYTES
-    fwd_bwd = activations + logits + logits_grad
+    fwd_bwd = activations + autocast_w + logits + logits_grad
     total = static + max(fwd_bwd, step_transient)
     capacity = int(gpu_mem_gib * GiB)
     if mask:
@@ -647,7 +665,8 @@ def _estimate_core(recipe, model_config, *, gpus: int, gpu_mem_gib: float, nodes
         quantized_params=sum(p.numel for p in table if p.quantized), gpu_mem_bytes=capacity,
         weights=weights, trainable_weights=trainable_weights, master_weights=master, gradients=gradients,
         grad_buffers=grad_buffers, optimizer_states=optimizer_states, activations=activations,
-        activations_no_checkpointing=no_ckpt, activations_checkpointing=with_ckpt, logits=logits,
+        activations_no_checkpointing=no_ckpt, activations_checkpointing=with_ckpt, autocast_weights=autocast_w,
+        logits=logits,
         logits_grad=logits_grad, optimizer_step_transient=step_transient, cuda_reserve=CUDA_RESERVE_BYTES,
         total=total, headroom=capacity - total, fits=total <= capacity,
         peak_phase="forward/backward" if fwd_bwd >= step_transient else "optimizer step",
@@ -690,10 +709,12 @@ def _with(recipe, **sections):
 
 
 def _suggestions(recipe, model_config, est: Estimate, kwargs: dict) -> list[str]:
-    """Changes in order of preference; each line is applied on top of the ones before it (except switching a full
-    fine-tune to QLoRA, which is an alternative) and the list stops at the first combination that fits."""
+    """Changes in order of preference: gradient checkpointing, smaller micro-batches (same global batch), NF4,
+    ZeRO-2 over more GPUs, optimizer offload, shorter sequences. Each is applied on top of the ones listed before
+    it (switching a full fine-tune to QLoRA is shown as an alternative and not carried), steps that save nothing
+    are left out, and the list stops at the first combination that fits."""
     out: list[str] = []
-    cur, kw = recipe, dict(kwargs)
+    cur, kw, best = recipe, dict(kwargs), est.total
 
     def run(r, k) -> Estimate:
         return _estimate_core(r, model_config, **k)
@@ -703,85 +724,95 @@ def _suggestions(recipe, model_config, est: Estimate, kwargs: dict) -> list[str]
             return f"-> {_gib(e.total)} GiB per GPU, fits ({_gib(e.headroom)} GiB free)"
         return f"-> {_gib(e.total)} GiB per GPU, still {_gib(-e.headroom)} GiB over"
 
+    def helps(e: Estimate) -> bool:
+        return e.total < best - 2 ** 20
+
     # 1. gradient checkpointing
     if not cur.model.gradient_checkpointing:
-        cur = _with(cur, model={"gradient_checkpointing": True})
-        e = run(cur, kw)
-        out.append(f"turn on gradient checkpointing (model.gradient_checkpointing=true, ~30% slower) {verdict(e)}")
-        if e.fits:
-            return out
+        trial = _with(cur, model={"gradient_checkpointing": True})
+        e = run(trial, kw)
+        if helps(e):
+            cur, best = trial, e.total
+            out.append(f"turn on gradient checkpointing (model.gradient_checkpointing=true, ~30% slower) {verdict(e)}")
+            if e.fits:
+                return out
     # 2. smaller micro-batches, same global batch
     mb, ga = cur.train.micro_batch_size, cur.train.grad_accum
     if mb > 1:
         target = mb * ga
-        candidates = sorted({c for c in (mb // 2, mb // 4, mb // 8, 2, 1) if 1 <= c < mb}, reverse=True)
-        chosen, e = None, None
-        for c in candidates:
+        chosen = None
+        for c in sorted({c for c in (mb // 2, mb // 4, mb // 8, 2, 1) if 1 <= c < mb}, reverse=True):
             trial = _with(cur, train={"micro_batch_size": c, "grad_accum": -(-target // c)})
-            e = run(trial, kw)
-            chosen = (c, trial)
-            if e.fits:
+            chosen = (c, trial, run(trial, kw))
+            if chosen[2].fits:
                 break
-        c, cur = chosen
-        out.append(f"lower train.micro_batch_size to {c} and raise train.grad_accum to {-(-target // c)} "
-                   f"(global batch {c * -(-target // c) * est.dp}, was {est.global_batch}) {verdict(e)}")
-        if e.fits:
-            return out
-    # 3. 4-bit base (QLoRA)
-    if cur.lora is not None and cur.model.quantization != "nf4":
-        cur = _with(cur, model={"quantization": "nf4"})
-        e = run(cur, kw)
-        out.append(f"quantize the frozen base to 4 bit (model.quantization=nf4, QLoRA) {verdict(e)}")
-        if e.fits:
-            return out
-    elif cur.lora is None:
-        from trainer.config import LoraConfig as _Lora
-        alt = _with(cur, lora=_Lora(), model={"quantization": "nf4"})
-        e = run(alt, kw)
-        out.append(f"or, instead of a full fine-tune, QLoRA (lora: {{r: 16, target_modules: all-linear}}, "
-                   f"model.quantization=nf4) {verdict(e)}")
-    # 4. ZeRO-2 over more GPUs
-    if kw["zero_stage"] in (None, 0, 1) or kw["gpus"] * kw["nodes"] < 64:
-        start = max(2, kw["gpus"] * kw["nodes"] * (2 if kw["zero_stage"] == 2 else 1))
-        e, chosen = None, None
-        for dp in (2, 4, 8, 16, 32, 64):
-            if dp < start:
-                continue
-            gpus, nodes = (dp, 1) if dp <= 8 else (8, dp // 8)
-            trial_kw = dict(kw, gpus=gpus, nodes=nodes, zero_stage=2)
-            e = run(cur, trial_kw)
-            chosen = trial_kw
-            if e.fits:
-                break
-        if chosen is not None:
-            kw = chosen
-            where = f"{kw['nodes']} nodes x {kw['gpus']} GPUs" if kw["nodes"] > 1 else f"{kw['gpus']} GPUs"
-            out.append(f"DeepSpeed ZeRO-2 across {where} (partitions gradients and optimizer states) {verdict(e)}")
+        c, trial, e = chosen
+        if helps(e):
+            cur, best = trial, e.total
+            new_ga = -(-target // c)
+            out.append(f"lower train.micro_batch_size to {c} and raise train.grad_accum to {new_ga} (global batch "
+                       f"{c * new_ga * est.dp}, was {est.global_batch}) {verdict(e)}")
             if e.fits:
                 return out
+    # 3. 4-bit base (QLoRA)
+    if cur.lora is not None and cur.model.quantization != "nf4":
+        trial = _with(cur, model={"quantization": "nf4"})
+        e = run(trial, kw)
+        if helps(e):
+            cur, best = trial, e.total
+            out.append(f"quantize the frozen base to 4 bit (model.quantization=nf4, QLoRA) {verdict(e)}")
+            if e.fits:
+                return out
+    elif cur.lora is None:
+        from trainer.config import LoraConfig as _Lora
+        e = run(_with(cur, lora=_Lora(), model={"quantization": "nf4"}), kw)
+        if helps(e):
+            out.append(f"or, instead of a full fine-tune, QLoRA (lora: {{r: 16, target_modules: all-linear}}, "
+                       f"model.quantization=nf4) {verdict(e)}")
+    # 4. ZeRO-2 over more GPUs
+    now = kw["gpus"] * kw["nodes"]
+    if now < 64:
+        first = now * 2 if kw["zero_stage"] == 2 else max(2, now)
+        options = []
+        for dp in (2, 4, 8, 16, 32, 64):
+            if dp >= first:
+                trial_kw = dict(kw, gpus=min(dp, 8), nodes=max(1, dp // 8), zero_stage=2)
+                options.append((trial_kw, run(cur, trial_kw)))
+                if options[-1][1].fits:
+                    break
+        if options:
+            trial_kw, e = options[-1] if options[-1][1].fits else next(
+                (o for o in options if o[0]["gpus"] * o[0]["nodes"] >= 8), options[-1])
+            if helps(e):
+                kw, best = trial_kw, e.total
+                where = (f"{kw['nodes']} nodes x {kw['gpus']} GPUs" if kw["nodes"] > 1 else f"{kw['gpus']} GPUs")
+                out.append(f"DeepSpeed ZeRO-2 across {where} (partitions gradients and optimizer states; "
+                           f"weights stay whole on every GPU) {verdict(e)}")
+                if e.fits:
+                    return out
     # 5. optimizer offload
     if not kw.get("offload_optimizer"):
-        kw = dict(kw, offload_optimizer=True, zero_stage=2)
-        e = run(cur, kw)
-        out.append(f"ZeRO-2 with optimizer offload to CPU (needs {_gib(e.cpu_ram_per_node)} GiB host RAM per node, "
-                   f"slower steps) {verdict(e)}")
-        if e.fits:
-            return out
+        trial_kw = dict(kw, offload_optimizer=True, zero_stage=2)
+        e = run(cur, trial_kw)
+        if helps(e):
+            kw, best = trial_kw, e.total
+            out.append(f"ZeRO-2 with optimizer offload to CPU (needs {_gib(e.cpu_ram_per_node)} GiB host RAM per "
+                       f"node, slower steps) {verdict(e)}")
+            if e.fits:
+                return out
     # 6. shorter sequences
-    seq = cur.data.max_seq_len
-    e = None
+    seq, e = cur.data.max_seq_len, None
     while seq > 256:
         seq //= 2
         e = run(_with(cur, data={"max_seq_len": seq}), kw)
         if e.fits:
             break
-    if e is not None:
-        out.append(f"shorten data.max_seq_len to {seq} (longer samples are truncated or split) {verdict(e)}")
+    if e is not None and helps(e):
+        out.append(f"shorten data.max_seq_len to {seq} (longer samples get truncated or split) {verdict(e)}")
         if e.fits:
             return out
-    floor = run(_with(cur, data={"max_seq_len": max(seq, 8)}), dict(kw, gpu_mem_gib=1e6))
-    out.append(f"even with all of the above the model needs ~{_gib(floor.total)} GiB per GPU: use a smaller model or "
-               "bigger GPUs (ZeRO-3/FSDP weight sharding is not supported)")
+    out.append("no combination above fits: use a smaller model or GPUs with more memory (the weights stay whole on "
+               "every GPU; ZeRO-3/FSDP weight sharding is not supported)")
     return out
 
 
