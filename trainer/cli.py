@@ -19,6 +19,43 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", metavar="CKPT", help="resume from this checkpoint folder")
     group.add_argument("--fresh", action="store_true", help="start over; the previous run is moved aside")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    m = sub.add_parser("merge", help="merge RUN_DIR's adapter into the unquantized base -> RUN_DIR/merged/")
+    m.add_argument("run_dir")
+
+    e = sub.add_parser("eval", help="base vs tuned on the run's test split -> RUN_DIR/eval/, RUN_DIR/plots/")
+    e.add_argument("run_dir")
+    e.add_argument("--exact-match", action="store_true", help="also score greedy replies against the references")
+    e.add_argument("--merged", action="store_true", help="evaluate RUN_DIR/merged instead of base + adapter")
+
+    c = sub.add_parser("chat", help="chat with a tuned model (streaming); /use NAME switches adapters")
+    c.add_argument("run_dir", nargs="?", help="a run folder (its base model and adapter)")
+    c.add_argument("--model", help="a base model folder/hub id when no RUN_DIR is given")
+    c.add_argument("--prompt", help="answer this one prompt and exit")
+    c.add_argument("--compare", action="store_true", help="base and every adapter side by side (needs --prompt)")
+    c.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="extra adapter (repeatable)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--max-new-tokens", type=int, default=256)
+
+    x = sub.add_parser("export", help="write RUN_DIR/merged as a GGUF file for llama.cpp-style runtimes")
+    x.add_argument("run_dir")
+    x.add_argument("--gguf", choices=["f16", "q8_0"], default="f16")
+    x.add_argument("--out", help="output file (default RUN_DIR/export/model-TYPE.gguf)")
+
+    s = sub.add_parser("estimate", help="per-GPU memory plan for a recipe")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    s.add_argument("--gpu-mem", type=float, default=24.0, help="GiB per GPU")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--zero", type=int, choices=[0, 2], default=None, help="ZeRO stage (default: 2 when >1 GPU)")
+    s.add_argument("--offload", action="store_true", help="ZeRO-2 optimizer offload to CPU")
+
+    d = sub.add_parser("demo", help="fine-tune the real SmolLM2-135M-Instruct on CPU and show what changed")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--fresh", action="store_true", help="retrain even if the run is complete")
     return p
 
 
@@ -31,7 +68,80 @@ def cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_merge(args) -> int:
+    from trainer.merge import merge_run
+    merge_run(args.run_dir)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from trainer.evaluate import eval_run
+    eval_run(args.run_dir, exact_match=args.exact_match, merged=args.merged)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from pathlib import Path
+
+    from trainer import chat
+
+    extra = {}
+    for item in args.adapter:
+        if "=" not in item:
+            raise UserError(f"--adapter {item}: expected NAME=DIR")
+        name, folder = item.split("=", 1)
+        extra[name] = Path(folder)
+    models = chat.load_chat_models(Path(args.run_dir) if args.run_dir else None, extra, args.model)
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    if args.compare:
+        if not args.prompt:
+            raise UserError("--compare needs --prompt")
+        chat.print_side_by_side(chat.compare(models, args.prompt, [chat.BASE, *models.adapters], **gen))
+    elif args.prompt:
+        print(chat.reply(models, [{"role": "user", "content": args.prompt}], **gen))
+    else:
+        chat.interactive(models, **gen)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from trainer.export import export_gguf
+    from trainer.merge import merge_run
+
+    run_dir = Path(args.run_dir)
+    merged = run_dir / "model" if (run_dir / "model" / "config.json").is_file() else run_dir / "merged"
+    if not (merged / "config.json").is_file():
+        merge_run(run_dir)
+    out = Path(args.out) if args.out else run_dir / "export" / f"model-{args.gguf}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    facts = export_gguf(merged, out, args.gguf)
+    print(f"export: {facts['path']} ({facts['bytes'] / 2**20:.1f} MiB, {facts['tensor_count']} tensors, {args.gguf})")
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from trainer.config import load_recipe
+    from trainer.estimate import estimate, format_table, load_model_config
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    world = args.gpus * args.nodes
+    zero = args.zero if args.zero is not None else (2 if world > 1 else 0)
+    est = estimate(recipe, load_model_config(recipe.model.name_or_path), gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
+                   nodes=args.nodes, zero_stage=zero, offload_optimizer=args.offload)
+    print(format_table(est))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from trainer.demo import run_demo
+    run_demo(output_dir=args.output_dir, seed=args.seed, fresh=args.fresh)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "merge": cmd_merge, "eval": cmd_eval, "chat": cmd_chat, "export": cmd_export,
+            "estimate": cmd_estimate, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as err:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":  # one message, not one per process
+        from trainer.distributed import is_main
+        if is_main():  # one message, not one per process
             print(f"error: {err}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
     except KeyboardInterrupt:

@@ -34,7 +34,7 @@ CHATML_TEMPLATE = (
 
 # ----------------------------------------------------------------------------------------------- reading
 def data_files(path: str) -> list[Path]:
-    p = Path(path)
+    p = Path(path).expanduser()
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in LOCAL_LOADERS)
         if not files:
@@ -365,6 +365,7 @@ def prepare_data(cfg: DataConfig, tokenizer, cache_root: Path | None = None, log
     """The whole data step: cached on disk under a key of everything that could change the result."""
     import datasets
 
+    datasets.disable_progress_bars()  # our own one-line summary says what happened
     ensure_chat_template(tokenizer)
     key = cache_key(cfg, tokenizer)
     cache_dir = (cache_root or default_cache_root()) / "data" / key

@@ -5,34 +5,38 @@ per GPU; `format_table(est)` renders it for the CLI and `estimate_to_dict(est)` 
 GPU, loads weights or reaches the network: parameters are counted from the config (Llama/Mistral-style decoders:
 embed_tokens, per layer q/k/v/o (GQA aware), gate/up/down and two RMSNorms, a final norm, lm_head unless tied).
 
-Precision policy assumed (what the training loop does):
+Precision policy (what trainer.model / trainer.loop / trainer.optim do):
 
-* Plain Accelerate (DDP or one GPU), LoRA/QLoRA: frozen base stored in `model.dtype` (or NF4), LoRA weights,
-  their gradients and AdamW states in fp32, forward under autocast(`model.dtype`).
-* Plain Accelerate, full fine-tune: fp32 weights (the master copy), fp32 gradients, autocast(`model.dtype`).
-* DeepSpeed ZeRO-1/2 with bf16/fp16: DeepSpeed casts every floating parameter (LoRA included) to the compute
-  dtype and keeps an fp32 master partition of the trainable ones in its optimizer; gradients are kept in the
-  compute dtype, partitioned; the fp32 gradient partition only exists during `step()`.
+* Plain Accelerate (one GPU or DDP), LoRA: frozen base stored in `model.dtype`, LoRA weights, their gradients
+  and AdamW states in fp32, forward under `accelerator.autocast()` (`model.dtype`).
+* QLoRA: Linear weights of the decoder layers in NF4; `peft.prepare_model_for_kbit_training` upcasts everything
+  else (embeddings, norms, lm_head) to fp32, so the hidden states between layers are fp32 as well.
+* Full fine-tune: fp32 weights (the master copy), fp32 gradients, autocast(`model.dtype`).
+* DeepSpeed ZeRO-1/2 with bf16/fp16: DeepSpeed casts every floating parameter (LoRA and QLoRA's upcast ones
+  included) to the compute dtype and keeps an fp32 master partition of the trainable ones in its optimizer;
+  gradients stay in the compute dtype, partitioned; the fp32 gradient partition only exists during `step()`.
+  The param groups are trainer.optim's (2-D tensors with weight decay, 1-D without), each flattened separately.
+* torch AdamW is `fused=True` on CUDA (no step scratch); bitsandbytes 8-bit AdamW updates in place.
 
-Bytes per GPU (N = trainable numel, P = `zero2_partition_numel(N, dp)`, dp = gpus * nodes):
+Bytes per GPU (N = trainable numel, P = `zero2_partition_numel(group sizes, dp)`, dp = gpus * nodes):
 
 ==================  ==========================================  ==========================================
 component           plain Accelerate / DDP                      DeepSpeed ZeRO-2 (ZeRO-1: gradients full)
 ==================  ==========================================  ==========================================
-weights (frozen)    2/4 B per param in model.dtype; NF4: see    same (compute dtype)
-                    `nf4_bytes` (Linear weights of the decoder
-                    layers; embeddings, norms, lm_head stay)
+weights (frozen)    2/4 B per param in model.dtype; QLoRA:      compute dtype (NF4 weights stay NF4)
+                    `nf4_bytes` per decoder Linear weight, 4 B
+                    for embeddings, norms, lm_head
 trainable weights   4 B * N (fp32)                              2 B * N (compute dtype; 4 with fp32)
 master weights      0                                           4 B * P (fp32 partition; CPU if offloaded)
 gradients           4 B * N (fp32)                              2 B * (numel of params overlapping the
                                                                 rank's partition); CPU if offloaded
-grad buffers        DDP (dp > 1) bucket copies: 4 B * N         reduce bucket: reduce_bucket_size * 2 B
-                                                                (x2 with overlap_comm); offload: + the
-                                                                largest param in 2 B
+grad buffers        DDP (dp > 1) bucket copies: 4 B * N         reduce buckets: 2 x 5e7 elements x 2 B
+                                                                (ds_configs/zero2.json: overlap_comm);
+                                                                offload: + the largest param in 2 B
 optimizer states    adamw: 8 B * N; adamw_8bit: 2 B per elem    same rules on the flat partition P
                     + 2 fp32 absmax per 256-block (tensors <     (CPU if offloaded)
                     4096 elements keep 8 B, like bitsandbytes)
-step transient      torch AdamW (foreach): 4 B * N scratch      fp32 gradient partition 4 B * P
+step transient      0 (fused AdamW / in-place 8-bit)            fp32 gradient partition 4 B * P
 ==================  ==========================================  ==========================================
 
 NF4 (bitsandbytes `quantize_4bit`, blocksize 64, double quantization): per weight tensor of n elements,
@@ -40,7 +44,8 @@ ceil(n/2) packed bytes + ceil(n/64) uint8 absmax + 4 * ceil(ceil(n/64)/256) fp32
 + 1024 (nested 256-entry code) + 64 (16-entry NF4 code) = 0.5 B/param + ~0.127 bit/param + 1092 B per tensor.
 
 Activations (saved for backward), per token per decoder layer, in bytes; e = 2 (bf16/fp16) or 4 (fp32) is the
-activation dtype, r = residual-stream bytes (4 for a full fine-tune with fp32 master weights, else e), h hidden,
+activation dtype, r = residual-stream bytes (4 for a full fine-tune with fp32 master weights and for QLoRA
+without DeepSpeed, else e), h hidden,
 I intermediate, q = heads*head_dim, k = kv_heads*head_dim, a = heads. This is Korthikanti et al. (2022, "Reducing
 activation recomputation", s*b*h*(34 + 5*a*s/h) for GPT) re-derived op by op for a Llama layer (RMSNorm, rotary,
 SwiGLU, no dropout, GQA) and checked against the tensors autograd actually saves (tests/unit/test_estimate.py):
@@ -48,28 +53,31 @@ SwiGLU, no dropout, GQA) and checked against the tensors autograd actually saves
 * 2 RMSNorms:      2 * (4h fp32 input copy + 4 rsqrt [+ r*h normalised input when the norm weight trains])
 * attention:       e*(2q + 2k) + 4a (SDPA/flash keeps q, k, v, output and an fp32 logsumexp: no a*s^2 term;
                    k -> q when K/V are repeated, i.e. SDPA with a mask). Eager attention adds a*s*(4 + e).
-* SwiGLU MLP:      3*e*I (gate output, SiLU output, up output)
+* SwiGLU MLP:      3*e*I (gate output, SiLU output, up output); 3*4*I with QLoRA, whose Linear4bit returns
+                   the dtype of its (fp32) input
 * frozen Linears save nothing; trainable ones (full FT) save their input: r*h for q/k/v and for gate/up (one
                    shared tensor; 3 and 2 copies of e*h under autocast with an fp32 residual stream), e*I for
                    down (o_proj's input is the saved SDPA output).
 * each LoRA module on an input of f features: f*(e + 1 if lora_dropout else e) + r*e (the adapter input copy,
-                   the dropout mask at 1 B/element on CUDA, lora_A's output)
+                   the dropout mask at 1 B/element on CUDA, lora_A's output); without autocast e is the LoRA
+                   weight dtype, and with no dropout and no dtype cast the input is shared, not copied
 * SDPA with a mask (packing, or micro_batch_size > 1 with padding): the bool mask becomes an additive bias of
                    s (padded to 16) elements per token in dtype e, saved per layer; FlashAttention-2 has none.
 
 Head: final norm (as above), lm_head's input when it trains, 8 B/token of labels (and of token ids when the
-embeddings train), rotary cos/sin once; logits: b*s*V*(e + 4) held (the model's logits output and
-the fp32 log-softmax kept by cross-entropy) + b*s*V*8 transient at the start of backward (fp32 gradient of the
-log-softmax output and of its input). For small models with big vocabularies these dominate.
+embeddings train), rotary cos/sin once. Logits (trainer.model.token_loss_sum drops the model's logits once the
+loss is built): b*s*V*4 for the fp32 log-softmax cross-entropy keeps, plus b*s*V*8 transient (at the start of
+backward the fp32 gradients into and out of log-softmax; in the forward the logits, their shifted copy and the
+fp32 cast peak at the same 12 B per token per vocab entry). For small models with big vocabularies these dominate.
 
 Gradient checkpointing (non-reentrant, per decoder layer) keeps r*h per token per layer (the layer inputs) plus
 one layer's full activations while it is recomputed.
 
-Autocast weight copies: under torch.autocast every fp32 trainable weight a matmul uses (LoRA A/B; in a full
-fine-tune all projections and lm_head) is cast to the compute dtype once per forward and the copy is kept until
+Autocast weight copies: under torch.autocast every fp32 weight a matmul uses (LoRA A/B; in a full fine-tune all
+projections and lm_head; QLoRA's upcast lm_head) is cast to the compute dtype once per forward and the copy is kept until
 backward: e bytes per such parameter (about 2 B/param for a full fine-tune without DeepSpeed).
 
-Per-layer terms match, to the byte, what autograd saves for a tiny Llama on CPU (torch 2.13 / transformers 5;
+Per-layer terms match, within a few bytes, what autograd saves for a tiny Llama on CPU (torch 2.13 / transformers 5;
 tests/unit/test_estimate.py walks the autograd graph); on CUDA only the dropout mask (bool, 1 B) and the SDPA
 kernel's choice (flash vs mem-efficient with the mask bias) differ, and both are modelled as stated above.
 With LoRA and no checkpointing the first layer saves a little less than modelled (its input needs no grad).
@@ -78,7 +86,8 @@ Peak per GPU = weights + trainable + master + gradients + grad buffers + optimiz
              + max(activations + autocast weight copies + logits + logits gradient, optimizer-step transient)
              + CUDA reserve,
 where the CUDA reserve (`CUDA_RESERVE_BYTES` = 1 GiB) covers the CUDA context, cuBLAS/NCCL workspaces and
-allocator fragmentation. Expect the real peak within roughly +-10% of this estimate.
+allocator fragmentation. The model has been checked term by term on CPU, not yet against
+`torch.cuda.max_memory_allocated` on a GPU; nvidia-smi reads higher than the allocator's peak (cached blocks).
 """
 from __future__ import annotations
 
@@ -104,6 +113,9 @@ NF4_OFFSET_BYTES = 4  # fp32 mean subtracted from absmax before nested quantizat
 BNB_8BIT_BLOCKSIZE = 256
 BNB_8BIT_MIN_SIZE = 4096
 """bitsandbytes keeps 32-bit states for tensors with fewer elements than this (`min_8bit_size`)."""
+
+DS_REDUCE_BUCKET_SIZE = 50_000_000
+"""`zero_optimization.reduce_bucket_size` in ds_configs/zero2.json (with overlap_comm: two such buffers)."""
 
 DS_NCCL_ALIGNMENT = 2
 """DeepSpeed ZeRO-1/2 pads each flat param group to a multiple of 2 * dp (`nccl_start_alignment_factor`)."""
@@ -369,13 +381,17 @@ class Precision:
     act: int
     """Matmul outputs / attention tensors (the compute dtype)."""
     res: int
-    """Hidden states between layers (fp32 when a full fine-tune keeps fp32 weights under autocast)."""
+    """Hidden states between layers: fp32 when a full fine-tune keeps fp32 weights under autocast, or with QLoRA's
+    fp32 embeddings; else the compute dtype."""
     autocast: bool
     """Forward under torch.autocast(compute dtype): every Linear casts its input (a saved copy per module)."""
     lora: int
     """LoRA weight dtype (peft casts the adapter input to it)."""
     base_trainable: bool
     """Full fine-tune: Linears, norms, embeddings and lm_head keep what they need for weight gradients."""
+    mlp: int | None = None
+    """Bytes of the SwiGLU intermediates when they differ from `act`: bitsandbytes' Linear4bit returns its
+    input's dtype, so with QLoRA's fp32 hidden states gate/up outputs, SiLU and the product are fp32."""
 
 
 def activation_bytes(model_config, *, batch: int, seq: int, precision: Precision, lora=None,
@@ -385,7 +401,7 @@ def activation_bytes(model_config, *, batch: int, seq: int, precision: Precision
 
     Returns per_layer (one decoder layer, no checkpointing), layer_input (what checkpointing keeps per layer),
     head (final norm, lm_head input when it trains, labels, embedding indices, the shared bool mask),
-    logits (held logits + fp32 log-softmax) and logits_grad (transient at the start of backward).
+    logits (the fp32 log-softmax cross-entropy keeps) and logits_grad (transient at the start of backward).
     """
     d = model_dims(model_config)
     p = precision
@@ -440,7 +456,7 @@ def activation_bytes(model_config, *, batch: int, seq: int, precision: Precision
     per_tok += act * (2 * q + 2 * kv_saved) + 4 * a  # SDPA/flash: q, k, v, out, fp32 logsumexp
     if eager:
         per_tok += a * seq * (4 + act)  # fp32 softmax output + probabilities in compute dtype
-    per_tok += 3 * act * inter  # SwiGLU: gate out, SiLU out, up out
+    per_tok += 3 * (p.mlp or act) * inter  # SwiGLU: gate out, SiLU out, up out
     mask_bias = act * (-(-seq // 16) * 16) * tokens if (mask and not eager) else 0
 
     head_tok = 4 * h + 4 + 8  # final norm, labels
@@ -454,25 +470,26 @@ def activation_bytes(model_config, *, batch: int, seq: int, precision: Precision
         "per_layer": per_tok * tokens + mask_bias,
         "layer_input": res * h * tokens,
         "head": head_tok * tokens + shared,
-        "logits": (act + 4) * d.vocab * tokens,
+        "logits": 4 * d.vocab * tokens,
         "logits_grad": 8 * d.vocab * tokens,
     }
 
 
-def autocast_weight_bytes(table: Sequence[ParamInfo], precision: Precision) -> int:
-    """torch.autocast casts each fp32 weight a matmul uses to the compute dtype once per forward and autograd keeps
-    the copy until backward: every trainable Linear weight (LoRA A/B, or all projections + lm_head in a full
-    fine-tune) in `precision.act` bytes. Embedding lookups and norm weights are not cast."""
-    if not precision.autocast or precision.lora == precision.act:
+def autocast_weight_bytes(table: Sequence[ParamInfo], precision: Precision, *, frozen_fp32: bool = False) -> int:
+    """torch.autocast casts each fp32 weight a matmul uses to the compute dtype during the forward and autograd
+    keeps the copy until backward: every trainable Linear weight (LoRA A/B, or all projections + lm_head in a full
+    fine-tune) in `precision.act` bytes, and with `frozen_fp32` (QLoRA's upcast lm_head) the frozen lm_head too.
+    Embedding lookups, norm weights and NF4 weights are not cast by autocast."""
+    if not precision.autocast:
         return 0
     total = 0
     for p in table:
-        if not p.trainable or len(p.shape) != 2:
+        if len(p.shape) != 2 or p.quantized or p.name.startswith("model.embed_tokens"):
             continue
-        if p.name.startswith("model.embed_tokens"):
-            continue
-        total += precision.act * p.numel
-    if precision.base_trainable and not any(p.name.startswith("lm_head") for p in table):
+        if (p.trainable and precision.lora != precision.act) or (not p.trainable and frozen_fp32):
+            total += precision.act * p.numel
+    tied = not any(p.name.startswith("lm_head") and not p.lora for p in table)
+    if tied and ((precision.base_trainable and precision.lora != precision.act) or frozen_fp32):
         vocab, hidden = table[0].shape  # tied lm_head: the embedding matrix is cast for the output projection
         total += precision.act * vocab * hidden
     return total
@@ -514,7 +531,8 @@ class Estimate:
     activations_no_checkpointing: int
     activations_checkpointing: int
     autocast_weights: int
-    """Compute-dtype copies of fp32 trainable weights that autocast makes and autograd keeps until backward."""
+    """Compute-dtype copies of fp32 weights used by matmuls (trainable ones; QLoRA's fp32 lm_head) that autocast
+    makes and autograd keeps until backward."""
     logits: int
     logits_grad: int
     optimizer_step_transient: int
@@ -552,9 +570,10 @@ class Estimate:
              f"{_gib(self.activations_no_checkpointing if self.gradient_checkpointing else self.activations_checkpointing)} GiB"),
             ("autocast weight copies", self.autocast_weights, f"{self.dtype} casts of fp32 trainable weights"
              if self.autocast_weights else "none"),
-            ("logits", self.logits, "model output + fp32 log-softmax"),
+            ("logits", self.logits, "fp32 log-softmax kept for backward"),
             ("logits gradient", self.logits_grad, "transient, start of backward"),
-            ("optimizer step scratch", self.optimizer_step_transient, "transient, activations freed by then"),
+            ("optimizer step scratch", self.optimizer_step_transient, "transient, activations freed by then"
+             if self.optimizer_step_transient else "none (fused / in-place optimizer)"),
             ("CUDA context/fragmentation", self.cuda_reserve, "fixed allowance"),
         ]
 
@@ -579,8 +598,9 @@ def _estimate_core(recipe, model_config, *, gpus: int, gpu_mem_gib: float, nodes
     if stage not in (0, 1, 2):
         raise UserError(f"zero_stage={zero_stage}: the trainer runs DDP (0) or DeepSpeed ZeRO-1/2; ZeRO-3 is not "
                         "supported")
-    if offload_optimizer and stage == 0:
-        raise UserError("offload_optimizer needs DeepSpeed ZeRO (zero_stage=2); plain DDP cannot offload")
+    implied = offload_optimizer and stage == 0
+    if implied:  # optimizer offload only exists in DeepSpeed: plan the ZeRO-2 launch it implies
+        stage = 2
     if m.quantization == "nf4" and lora is None:
         raise UserError("model.quantization=nf4 needs LoRA (a 4-bit base cannot be fully fine-tuned)")
     deepspeed = stage > 0
@@ -594,14 +614,19 @@ def _estimate_core(recipe, model_config, *, gpus: int, gpu_mem_gib: float, nodes
     frozen = [p for p in table if not p.trainable]
     trainable = [p for p in table if p.trainable]
     n_train = sum(p.numel for p in trainable)
-    weights = sum(nf4_bytes(p.numel) if p.quantized else e * p.numel for p in frozen)
+    # QLoRA: trainer.model.build_model calls peft.prepare_model_for_kbit_training, which upcasts every
+    # non-quantized bf16/fp16 parameter (embeddings, norms, lm_head) to fp32; DeepSpeed casts them back.
+    upcast = mode == "qlora" and not deepspeed
+    frozen_bytes = 4 if upcast else e
+    weights = sum(nf4_bytes(p.numel) if p.quantized else frozen_bytes * p.numel for p in frozen)
     if deepspeed:
         w_bytes = e  # DeepSpeed casts every floating parameter to the compute dtype
     else:
         w_bytes = 4  # LoRA weights / full-FT master weights in fp32
     trainable_weights = w_bytes * n_train
-    precision = Precision(act=e, res=e if (deepspeed or not full) else 4, autocast=(not deepspeed and e != 4),
-                          lora=w_bytes, base_trainable=full)
+    precision = Precision(act=e, res=e if (deepspeed or not (full or upcast)) else 4,
+                          autocast=(not deepspeed and e != 4), lora=w_bytes, base_trainable=full,
+                          mlp=4 if upcast else None)
 
     # gradients, optimizer ------------------------------------------------------------------------------------
     numels = [p.numel for p in trainable]
@@ -612,20 +637,23 @@ def _estimate_core(recipe, model_config, *, gpus: int, gpu_mem_gib: float, nodes
         gradients = 4 * n_train
         grad_buffers = 4 * n_train if dp > 1 else 0  # DDP bucket views (gradient_as_bucket_view=False)
         optimizer_states = adam_state_bytes(numels, t.optimizer)
-        step_transient = 4 * n_train if t.optimizer == "adamw" else 0  # foreach AdamW: sqrt(exp_avg_sq) list
+        step_transient = 0  # fused AdamW on CUDA (trainer.optim) and bitsandbytes update in place
     else:
-        part = zero2_partition_numel(n_train, dp)
+        # trainer.optim.param_groups: 2-D tensors (weight decay) and 1-D ones (none), each its own flat group
+        groups = [[p.numel for p in trainable if len(p.shape) >= 2], [p.numel for p in trainable if len(p.shape) < 2]]
+        groups = [g for g in groups if g]
+        part = zero2_partition_numel([sum(g) for g in groups], dp)
         master = 4 * part
-        optimizer_states = adam_state_bytes([part], t.optimizer)
-        bucket = int(reduce_bucket_size) if reduce_bucket_size else d.hidden * d.hidden  # Accelerate's "auto"
+        optimizer_states = sum(adam_state_bytes([zero2_partition_numel(sum(g), dp)], t.optimizer) for g in groups)
+        bucket = int(reduce_bucket_size) if reduce_bucket_size else DS_REDUCE_BUCKET_SIZE
         grad_buffers = e * bucket * (2 if overlap_comm else 1)
         if stage >= 2:
-            gradients = e * zero2_grad_partition_numel(numels, dp)
+            gradients = e * sum(zero2_grad_partition_numel(g, dp) for g in groups)
         else:
             gradients = e * n_train
         step_transient = 4 * part  # fp32 gradient partition built in step()
-        notes.append(f"DeepSpeed: flat group of {n_train:,} trainable params -> {part:,} per rank; reduce bucket "
-                     f"{bucket:,} elements")
+        notes.append(f"DeepSpeed: {len(groups)} flat param group(s), {n_train:,} trainable params -> {part:,} per "
+                     f"rank; reduce bucket {bucket:,} elements{' x2 (overlap_comm)' if overlap_comm else ''}")
         if offload_optimizer:
             largest = max(numels) if numels else 0
             cpu_rank = (master + optimizer_states + 4 * part + e * part + e * largest
@@ -643,7 +671,7 @@ def _estimate_core(recipe, model_config, *, gpus: int, gpu_mem_gib: float, nodes
     with_ckpt = d.layers * acts["layer_input"] + acts["per_layer"] + acts["head"]
     activations = with_ckpt if m.gradient_checkpointing else no_ckpt
     logits, logits_grad = acts["logits"], acts["logits_grad"]
-    autocast_w = autocast_weight_bytes(table, precision)
+    autocast_w = autocast_weight_bytes(table, precision, frozen_fp32=upcast)
 
     static = weights + trainable_weights + master + gradients + grad_buffers + optimizer_states + CUDA_RESERVE_BYTES
     fwd_bwd = activations + autocast_w + logits + logits_grad
@@ -652,9 +680,11 @@ def _estimate_core(recipe, model_config, *, gpus: int, gpu_mem_gib: float, nodes
     if mask:
         notes.append("attention mask assumed (packing or padded micro-batches with SDPA): K/V repeated and an "
                      "additive mask saved per layer; flash_attention_2 avoids both")
-    if mode == "qlora":
-        notes.append("QLoRA: embeddings, norms and lm_head counted in the compute dtype (prepare_model_for_kbit_"
-                     "training would upcast them to fp32)")
+    if implied:
+        notes.append("optimizer offload implies DeepSpeed ZeRO-2 (launch with ds_configs/zero2_offload.json)")
+    if upcast:
+        notes.append("QLoRA: embeddings, norms and lm_head in fp32 (peft.prepare_model_for_kbit_training upcasts "
+                     "them), so the hidden states between layers are fp32 too")
     if t.optimizer == "paged_adamw_8bit":
         notes.append("paged optimizer states counted on the GPU; under pressure they page out to CPU RAM")
     return Estimate(
@@ -675,12 +705,13 @@ def _estimate_core(recipe, model_config, *, gpus: int, gpu_mem_gib: float, nodes
 
 def estimate(recipe, model_config, *, gpus: int, gpu_mem_gib: float, nodes: int = 1, zero_stage: int | None = None,
              offload_optimizer: bool = False, reduce_bucket_size: int | None = None,
-             overlap_comm: bool = False) -> Estimate:
+             overlap_comm: bool = True) -> Estimate:
     """Peak GPU memory per device for `recipe` on `nodes` x `gpus` GPUs of `gpu_mem_gib` each.
 
     `zero_stage`: None/0 plain DDP (or one GPU), 1 or 2 DeepSpeed ZeRO; `offload_optimizer`: DeepSpeed CPU
     offload of optimizer states, fp32 master weights and gradients (reported as CPU RAM). `reduce_bucket_size`
-    (elements) defaults to hidden_size**2, what Accelerate fills in for "auto"; `overlap_comm` doubles it.
+    (elements) and `overlap_comm` (two buckets) default to ds_configs/zero2.json: 5e7 and true.
+    `gpus` is per node; the data-parallel degree is gpus * nodes.
     """
     kwargs = dict(gpus=gpus, gpu_mem_gib=gpu_mem_gib, nodes=nodes, zero_stage=zero_stage,
                   offload_optimizer=offload_optimizer, reduce_bucket_size=reduce_bucket_size, overlap_comm=overlap_comm)
@@ -767,8 +798,8 @@ def _suggestions(recipe, model_config, est: Estimate, kwargs: dict) -> list[str]
         from trainer.config import LoraConfig as _Lora
         e = run(_with(cur, lora=_Lora(), model={"quantization": "nf4"}), kw)
         if helps(e):
-            out.append(f"or, instead of a full fine-tune, QLoRA (lora: {{r: 16, target_modules: all-linear}}, "
-                       f"model.quantization=nf4) {verdict(e)}")
+            out.append(f"alternative to a full fine-tune: QLoRA (lora: {{r: 16, target_modules: all-linear}}, "
+                       f"model.quantization=nf4; not carried into the next lines) {verdict(e)}")
     # 4. ZeRO-2 over more GPUs
     now = kw["gpus"] * kw["nodes"]
     if now < 64:
@@ -920,7 +951,8 @@ def _config_from_table(values: dict[str, Any]):
 
 def load_model_config(name_or_path: str):
     """A `PretrainedConfig` without the network: a local folder's config.json, a `.gguf` file's metadata, a
-    built-in table of common hub ids (`KNOWN_CONFIGS`), or the local Hugging Face cache."""
+    built-in table of common hub ids (`KNOWN_CONFIGS`; a missing local path whose last component names one of
+    them, such as ~/.cache/trainer/models/SmolLM2-135M-Instruct, uses that entry), or the local HF cache."""
     from transformers import AutoConfig
     path = Path(str(name_or_path)).expanduser()
     if path.suffix == ".gguf":
@@ -940,6 +972,9 @@ def load_model_config(name_or_path: str):
             raise UserError(f"{path}/config.json: not a usable model config ({err})") from None
     if str(name_or_path) in KNOWN_CONFIGS:
         return _config_from_table(KNOWN_CONFIGS[str(name_or_path)])
+    by_name = {key.rsplit("/", 1)[-1].lower(): key for key in KNOWN_CONFIGS}
+    if not path.exists() and path.name.lower() in by_name:  # e.g. a not-yet-downloaded local copy of a known model
+        return _config_from_table(KNOWN_CONFIGS[by_name[path.name.lower()]])
     try:
         return AutoConfig.from_pretrained(str(name_or_path), local_files_only=True)
     except Exception:  # noqa: BLE001 - not cached: fall through to the message below
@@ -951,5 +986,5 @@ def load_model_config(name_or_path: str):
 
 __all__ = ["Estimate", "estimate", "format_table", "estimate_to_dict", "load_model_config", "parameter_table",
            "count_parameters", "lora_parameter_count", "zero2_partition_numel", "zero2_grad_partition_numel",
-           "nf4_bytes", "adam_state_bytes", "activation_bytes", "Precision", "ModelDims", "model_dims", "ParamInfo",
+           "nf4_bytes", "adam_state_bytes", "activation_bytes", "autocast_weight_bytes", "Precision", "ModelDims", "model_dims", "ParamInfo",
            "KNOWN_CONFIGS", "CUDA_RESERVE_BYTES", "GiB"]

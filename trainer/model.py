@@ -13,12 +13,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def source_args(name_or_path: str) -> tuple[str, dict]:
     """(path for from_pretrained, extra kwargs): a `.gguf` file loads from its folder with `gguf_file=`."""
-    p = Path(name_or_path)
+    p = Path(name_or_path).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
             raise UserError(f"model.name_or_path: {p} not found")
         return str(p.parent), {"gguf_file": p.name}
-    if (p.is_absolute() or name_or_path.startswith(".")) and not p.exists():
+    if p.exists():
+        return str(p), {}
+    if p.is_absolute() or name_or_path.startswith((".", "~")):
         raise UserError(f"model.name_or_path: {p} not found; give a model folder, a .gguf file or a hub id")
     return name_or_path, {}
 
