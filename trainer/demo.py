@@ -1,0 +1,113 @@
+"""`trainer demo`: on a fresh CPU machine with no model hub, fine-tune the real SmolLM2-135M-Instruct on a task
+with exact answers and show, in numbers, what training changed.
+
+    model (offline, cached) -> task data (seeded) -> train (recipe from launch/recipes/) -> merge
+    -> base vs tuned on the test split (exact match, perplexity) -> table + RUN_DIR/eval/report.{json,md}
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from trainer.errors import UserError
+
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "demo_smollm2_task.yaml"
+
+
+def write_task_data(out_dir: Path, n_rows: int, seed: int) -> Path:
+    from trainer.demo_task import make_rows
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n_rows, seed)))
+    return path
+
+
+def demo_recipe(model_dir: Path, data_path: Path, run_dir: Path, seed: int, recipe_path: Path = DEMO_RECIPE,
+                overrides: list[str] = ()):
+    from trainer.config import load_recipe
+
+    if not recipe_path.is_file():
+        raise UserError(f"{recipe_path}: demo recipe not found; run the demo from a checkout of the repository")
+    return load_recipe(recipe_path, [f"model.name_or_path={model_dir}", f"data.path={data_path}",
+                                     f"output_dir={run_dir}", f"train.seed={seed}", f"data.split_seed={seed}",
+                                     *overrides])
+
+
+def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, fresh: bool = False, model_dir: Path | None = None,
+             n_rows: int | None = None, overrides: list[str] = (), log=print) -> dict:
+    from trainer import train
+    from trainer.evaluate import eval_run
+    from trainer.merge import merge_run
+
+    started = time.perf_counter()
+    run_dir = Path(output_dir)
+    timings = {}
+    t0 = time.perf_counter()
+    if model_dir is None:
+        from trainer.demo_model import ensure_smollm2
+        model_dir = ensure_smollm2(log=log)
+    timings["model_s"] = round(time.perf_counter() - t0, 1)
+
+    if fresh and run_dir.exists():  # nothing on disk is lost: the previous demo moves aside
+        aside = run_dir.parent / f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir.rename(aside)
+        log(f"demo: --fresh; the previous run moved to {aside}")
+    data_path = run_dir / "data" / "task.jsonl"
+    recipe = demo_recipe(Path(model_dir), data_path, run_dir, seed, overrides=list(overrides))
+    n_rows = n_rows or _recipe_rows(recipe)
+    write_task_data(data_path.parent, n_rows, seed)
+    log(f"demo: {n_rows} task rows in {data_path}; recipe {DEMO_RECIPE.name}; run folder {run_dir}")
+
+    t0 = time.perf_counter()
+    train.run(recipe, show_progress=True)
+    timings["train_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    merge_run(run_dir, log=log)
+    timings["merge_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    report = eval_run(run_dir, exact_match=True, merged=True, log=log)
+    timings["eval_s"] = round(time.perf_counter() - t0, 1)
+    timings["total_s"] = round(time.perf_counter() - started, 1)
+    report["timings"] = timings
+    report["task"] = _task_name()
+    (run_dir / "eval" / "report.json").write_text(json.dumps(report, indent=1))
+    print_table(report)
+    return report
+
+
+def _recipe_rows(recipe) -> int:
+    """Rows to generate: enough for the recipe's steps plus val and test."""
+    t, d = recipe.train, recipe.data
+    train_rows = (t.max_steps or 100) * t.micro_batch_size * t.grad_accum
+    return int(round(train_rows / (1 - d.val_fraction - d.test_fraction)))
+
+
+def _task_name() -> str:
+    from trainer import demo_task
+    return (demo_task.__doc__ or "").strip().splitlines()[0] if demo_task.__doc__ else "demo task"
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"trainer demo: {report.get('task', '')}")
+    table.add_column("model")
+    table.add_column("exact match", justify="right")
+    table.add_column("perplexity", justify="right")
+    for name in ("base", "tuned"):
+        e = report[name]
+        table.add_row(name, f"{e['exact_match']:.3f} (n={e['exact_match_n']})", f"{e['perplexity']:.3f}")
+    console.print(table)
+    side = Table(title="side by side (greedy)", show_lines=True)
+    for col in ("prompt", "reference", "base", "tuned"):
+        side.add_column(col, overflow="fold")
+    for s in report["samples"]:
+        side.add_row(s["prompt"] or "", s["reference"] or "", s.get("base_greedy", ""), s.get("tuned_greedy", ""))
+    console.print(side)
+    t = report.get("timings", {})
+    console.print(f"wall time: {t.get('total_s', '?')} s (model {t.get('model_s')} s, train {t.get('train_s')} s, "
+                  f"merge {t.get('merge_s')} s, eval {t.get('eval_s')} s)")
