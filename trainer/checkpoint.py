@@ -8,6 +8,11 @@ Layout of `RUN_DIR/checkpoints/step-N/`:
   rng/rank-R.json      python, numpy, torch (and CUDA) RNG of every rank, as JSON: nothing pickled
   config.yaml          the resolved recipe; its hash is in trainer_state.json
   manifest.json        size and sha256 of every file above; written last, before the rename
+
+Loading never unpickles anything we did not write: tensors are safetensors; accelerate reads optimizer.bin with
+torch.load(weights_only=True); a file that the manifest does not list (e.g. a planted *.pkl) makes the checkpoint
+fail `verify`. Only DeepSpeed's own loader (ZeRO checkpoints) uses weights_only=False; the manifest's sha256
+guards those files against corruption, not against someone who can also rewrite manifest.json.
 """
 from __future__ import annotations
 
@@ -47,12 +52,12 @@ def save(accelerator, model, run_dir: Path, state: TrainState, recipe: Recipe, e
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True, **_save_kwargs(accelerator))
     _write_json(tmp / "rng" / f"rank-{accelerator.process_index}.json", rng_state())
+    adapter = trainable_state_dict(accelerator, model) if is_peft(accelerator, model) else None  # every rank
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _drop_accelerate_pickles(tmp / "accelerate")
-        unwrapped = accelerator.unwrap_model(model)
-        if hasattr(unwrapped, "peft_config"):
-            save_adapter(accelerator, model, tmp / "adapter")
+        if adapter is not None:
+            save_adapter(accelerator, model, tmp / "adapter", adapter)
         state_dict = {**state.to_dict(), "recipe_hash": recipe_hash(recipe),
                       "world_size": accelerator.num_processes,
                       "distributed_type": str(accelerator.distributed_type).split(".")[-1], **(extra_state or {})}
@@ -65,17 +70,42 @@ def save(accelerator, model, run_dir: Path, state: TrainState, recipe: Recipe, e
         os.replace(tmp, final)
         _fsync_dir(root)
         _write_latest(root, final.name)
-        prune(root, recipe.train.keep_last)
+        prune(root, recipe.train.keep_last, upto=state.step)
         log(f"checkpoint: {final} ({dir_bytes(final) / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s)")
     accelerator.wait_for_everyone()
     return final
 
 
-def save_adapter(accelerator, model, out: Path) -> None:
-    """The consolidated adapter. Under ZeRO-2 parameters are whole on every rank (only optimizer state and
-    gradients are partitioned), so the unwrapped model's trainable weights are complete."""
+def save_adapter(accelerator, model, out: Path, state_dict: dict | None = None) -> None:
+    """The consolidated adapter, written by the caller's rank (rank 0). `state_dict`: from `trainable_state_dict`
+    (exact under DeepSpeed); None saves the unwrapped module's own weights (exact only without DeepSpeed)."""
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(str(out), safe_serialization=True)
+    unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
+
+
+def is_peft(accelerator, model) -> bool:
+    return hasattr(accelerator.unwrap_model(model), "peft_config")
+
+
+def trainable_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole, fp32, on CPU, by parameter name: on rank 0; {} on the other ranks.
+
+    Call it on EVERY rank. Under DeepSpeed the exact weights are the fp32 masters in the ZeRO optimizer
+    partitions (with bf16/fp16 the module holds only rounded low-precision copies): each one is assembled with
+    `deepspeed.utils.safe_get_full_fp32_param`, a collective over the data-parallel group. Without DeepSpeed the
+    module's own (fp32) weights are the masters.
+    """
+    deepspeed = _is_deepspeed(accelerator)
+    if deepspeed:
+        from deepspeed.utils import safe_get_full_fp32_param
+    out = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if not param.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(param) if deepspeed else None
+        if accelerator.is_main_process:
+            out[name] = (param if full is None else full).detach().to("cpu", torch.float32, copy=True)
+    return out
 
 
 def _save_kwargs(accelerator) -> dict:
@@ -89,13 +119,34 @@ def _is_deepspeed(accelerator) -> bool:
 
 
 def install_trainable_only_hook(accelerator) -> None:
-    """accelerate saves `model.state_dict()` (the frozen base too); keep only trainable tensors."""
+    """accelerate saves `model.state_dict()` (the frozen base too); keep only trainable tensors.
+
+    On load, accelerate uses strict=False (the frozen base is not in the file), which would also accept a file
+    whose names match nothing and silently train on from fresh weights: check the names first."""
     def keep_trainable(models, weights, output_dir):
         for model, state in zip(models, weights):
             names = {n for n, p in model.named_parameters() if p.requires_grad}
             for key in [k for k in state if k not in names]:
                 del state[key]
     accelerator.register_save_state_pre_hook(keep_trainable)
+    accelerator.register_load_state_pre_hook(check_weight_names)
+
+
+def check_weight_names(models, input_dir) -> None:
+    """Every trainable parameter must be in the checkpoint, and nothing the model does not have."""
+    from safetensors import safe_open
+
+    for i, model in enumerate(models):
+        f = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        if not f.is_file():
+            raise UserError(f"{f}: missing; this checkpoint was not written by a non-DeepSpeed run of this trainer")
+        with safe_open(str(f), framework="pt") as fh:
+            saved = set(fh.keys())
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing, unknown = sorted(trainable - saved), sorted(saved - set(model.state_dict()))
+        if missing or unknown:
+            raise UserError(f"{f}: does not match the model: {len(missing)} trainable tensor(s) missing "
+                            f"{missing[:3]}, {len(unknown)} unknown {unknown[:3]}")
 
 
 def _drop_accelerate_pickles(folder: Path) -> None:
@@ -134,7 +185,7 @@ def sha256(path: Path) -> str:
 
 
 def write_manifest(folder: Path) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder) != Path("manifest.json"))
     manifest = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
     _write_json(folder / "manifest.json", {"files": manifest})
 
@@ -156,6 +207,10 @@ def verify(folder: Path) -> str | None:
             return f"{rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']}"
         if sha256(p) != meta["sha256"]:
             return f"{rel} checksum mismatch"
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel != "manifest.json" and rel not in files:
+            return f"{rel} is not in manifest.json (not written by this save; never loaded)"
     return None
 
 
@@ -179,8 +234,14 @@ def find_resumable(run_dir: Path, log=print) -> Path | None:
     return None
 
 
-def prune(root: Path, keep_last: int) -> None:
-    for old in list_checkpoints(root.parent)[keep_last:]:
+def prune(root: Path, keep_last: int, upto: int | None = None) -> None:
+    """Keep the `keep_last` newest checkpoints at or below step `upto` (the one just saved); remove temp folders.
+
+    Checkpoints above `upto` are left alone: they are what a resume skipped (broken) or stepped back from
+    (--resume of an older one), and are replaced when the run gets there. Counting them would let a broken
+    step-10 push out the step-8 just written (keep_last=1) and leave nothing to resume from."""
+    kept = [c for c in list_checkpoints(root.parent) if upto is None or int(c.name[len(PREFIX):]) <= upto]
+    for old in kept[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(f".tmp-{PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -194,13 +255,17 @@ def _write_latest(root: Path, name: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- resume
 def load(accelerator, ckpt: Path) -> TrainState:
-    """Restore model/optimizer (accelerate), this rank's RNG, and the trainer state. Every rank calls it."""
+    """Restore model/optimizer (accelerate), this rank's RNG, and the trainer state. Every rank calls it.
+
+    DDP checkpoints hold the whole optimizer state (rank 0 writes it, ranks are replicas) and weights under
+    unwrapped names, so they load on any number of processes; the data cursor is global (state.py)."""
+    saved = read_state(ckpt)  # DeepSpeed <-> not, and ZeRO world-size changes: refused by train._setup_resume
     kwargs = {"load_module_strict": False} if _is_deepspeed(accelerator) else {"strict": False}
     accelerator.load_state(str(ckpt / "accelerate"), **kwargs)
     rng_file = ckpt / "rng" / f"rank-{accelerator.process_index}.json"
     if rng_file.exists():
         set_rng_state(json.loads(rng_file.read_text()))
-    return TrainState.from_dict(json.loads((ckpt / "trainer_state.json").read_text()))
+    return TrainState.from_dict(saved)
 
 
 def read_state(ckpt: Path) -> dict:
@@ -210,7 +275,7 @@ def read_state(ckpt: Path) -> dict:
 # Changing these would make the saved weights, optimizer state or data position meaningless.
 BREAKING = ["model.name_or_path", "model.quantization", "lora", "data.path", "data.format", "data.columns",
             "data.max_seq_len", "data.packing", "data.train_on", "data.val_fraction", "data.test_fraction",
-            "data.split_seed", "train.optimizer"]
+            "data.split_seed", "data.hub_split", "train.optimizer"]
 
 
 def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
@@ -224,7 +289,9 @@ def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
                 out[f"{prefix}{k}"] = v
         return out
     a, b = flat(old), flat(new)
-    if (old.get("lora") is None) != (new.get("lora") is None):
+    if (old.get("lora") is None) != (new.get("lora") is None):  # LoRA <-> full fine-tune: one line, not one per key
+        a = {k: v for k, v in a.items() if not k.startswith("lora.")}
+        b = {k: v for k, v in b.items() if not k.startswith("lora.")}
         a["lora"], b["lora"] = old.get("lora"), new.get("lora")
     breaking, harmless = [], []
     for key in sorted(set(a) | set(b)):

@@ -138,8 +138,11 @@ def train(recipe: Recipe, accelerator, model, optimizer, rows, val_rows, state: 
             else:
                 state.bad_steps_in_row += 1
                 state.skipped_steps += 1
+                if world > 1:  # every rank is here (the flag comes from reduced values): name all ranks' samples
+                    from accelerate.utils import gather_object
+                    sample_ids = gather_object(list(sample_ids))
                 tracker.print(f"step {state.step + 1}: non-finite loss/grad norm ({out['loss']}, {out['grad_norm']}); "
-                              f"step skipped; samples {sorted(sample_ids)[:20]} on rank {rank}")
+                              f"step skipped; samples {sorted(sample_ids)[:20]}")
                 if state.bad_steps_in_row >= t.max_bad_steps:
                     raise NonFiniteLoss(f"{state.bad_steps_in_row} non-finite steps in a row at step {state.step + 1}; "
                                         "stopping. The last good checkpoint is kept; lower train.lr or check the data.")

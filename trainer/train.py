@@ -68,8 +68,8 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
         raise UserError(str(err)) from None
     tracker.close()
 
-    if accelerator.is_main_process and not last.get("preempted"):
-        _save_final(accelerator, model, tokenizer, run_dir)
+    if not last.get("preempted"):
+        _save_final(accelerator, model, tokenizer, run_dir)  # every rank: the adapter is gathered collectively
     summary = {**world_info(accelerator), "steps": state.step, "epochs_completed": state.epoch,
                "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
                "target_tokens_seen": state.target_tokens_seen, "skipped_steps": state.skipped_steps,
@@ -118,9 +118,37 @@ def _setup_resume(run_dir: Path, recipe: Recipe, resume: str | None, fresh: bool
         ckpt = checkpoint.find_resumable(run_dir, log=log)
         if ckpt is None:
             return None
+    problem = resume_topology_problem(checkpoint.read_state(ckpt), world_info(accelerator))
+    if problem:
+        raise UserError(f"{ckpt}: {problem}")
     for change in checkpoint.check_compatible(ckpt, recipe):
         log(f"resume: recipe change accepted: {change}")
     return ckpt
+
+
+def resume_topology_problem(saved: dict, now: dict) -> str | None:
+    """Why a checkpoint (its trainer_state.json) cannot resume on this launch (`world_info`), or None.
+
+    DeepSpeed saves the optimizer in its own layout, partitioned over the ranks (one ZeRO shard per rank): it loads
+    only under DeepSpeed with the same number of processes (else a ZeRORuntimeException or a missing file deep in
+    load_state). Checkpoints without DeepSpeed hold the whole optimizer state and resume on any number of processes.
+    """
+    if "distributed_type" not in saved:  # written before these keys existed: let load_state decide
+        return None
+    was_ds, now_ds = saved["distributed_type"] == "DEEPSPEED", now["distributed_type"] == "DEEPSPEED"
+    then_n, now_n = saved.get("world_size"), now["world_size"]
+    if (not was_ds and not now_ds) or (was_ds and now_ds and then_n == now_n):
+        return None
+
+    def launch(kind: str, n) -> str:
+        return "a single process" if kind == "NO" else f"{kind.replace('DEEPSPEED', 'DeepSpeed')} with {n} processes"
+
+    if was_ds:
+        return (f"saved by {launch('DEEPSPEED', then_n)}, but this launch is {launch(now['distributed_type'], now_n)}; "
+                f"ZeRO optimizer shards load only under DeepSpeed with the same number of processes: relaunch with the "
+                f"DeepSpeed accelerate config and --num_processes {then_n}, or start over with --fresh")
+    return (f"saved by {launch(saved['distributed_type'], then_n)}, but this launch uses DeepSpeed, which cannot load "
+            f"it; relaunch without DeepSpeed (any number of processes resumes it), or start over with --fresh")
 
 
 def _device_map(recipe: Recipe, accelerator):
@@ -131,10 +159,14 @@ def _device_map(recipe: Recipe, accelerator):
 
 
 def _save_final(accelerator, model, tokenizer, run_dir: Path) -> None:
+    """Every rank calls it (under DeepSpeed the adapter's fp32 weights are gathered collectively); rank 0 writes."""
     unwrapped = accelerator.unwrap_model(model)
-    if hasattr(unwrapped, "peft_config"):
+    adapter = checkpoint.trainable_state_dict(accelerator, model) if checkpoint.is_peft(accelerator, model) else None
+    if not accelerator.is_main_process:
+        return
+    if adapter is not None:
         out = run_dir / "adapter"
-        unwrapped.save_pretrained(str(out), safe_serialization=True)
+        checkpoint.save_adapter(accelerator, model, out, adapter)
     else:
         out = run_dir / "model"
         unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=accelerator.get_state_dict(model))

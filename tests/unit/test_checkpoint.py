@@ -1,0 +1,305 @@
+"""trainer.checkpoint and trainer.state on their own: manifest verification, which checkpoint a resume picks,
+pruning, recipe compatibility, RNG as JSON, the global data cursor, and that loading never unpickles code."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import ALPACA, tiny_recipe
+from trainer import checkpoint
+from trainer.config import recipe_from_dict
+from trainer.errors import UserError
+from trainer.loop import advance, make_plan
+from trainer.state import TrainState, epoch_order, step_rows
+
+
+def fake_checkpoint(root: Path, step: int, payload: bytes = b"weights" * 100) -> Path:
+    folder = root / "checkpoints" / f"step-{step}"
+    (folder / "accelerate").mkdir(parents=True)
+    (folder / "accelerate" / "model.safetensors").write_bytes(payload)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    checkpoint.write_manifest(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- verify
+def test_verify_names_what_is_wrong(tmp_path):
+    ck = fake_checkpoint(tmp_path, 4)
+    weights = ck / "accelerate" / "model.safetensors"
+    assert checkpoint.verify(ck) is None
+
+    blob = bytearray(weights.read_bytes())
+    blob[100] ^= 0x01  # one bit
+    weights.write_bytes(bytes(blob))
+    assert checkpoint.verify(ck) == "accelerate/model.safetensors checksum mismatch"
+
+    weights.write_bytes(bytes(blob[:350]))
+    assert checkpoint.verify(ck) == "accelerate/model.safetensors has 350 bytes, manifest says 700"
+
+    weights.unlink()
+    assert checkpoint.verify(ck) == "accelerate/model.safetensors is missing"
+
+    ck = fake_checkpoint(tmp_path, 6)
+    (ck / "accelerate" / "random_states_0.pkl").write_bytes(b"planted")
+    assert checkpoint.verify(ck) == ("accelerate/random_states_0.pkl is not in manifest.json "
+                                     "(not written by this save; never loaded)")
+
+    ck = fake_checkpoint(tmp_path, 8)
+    (ck / "manifest.json").write_text('{"files": {"a": ')  # torn write
+    assert checkpoint.verify(ck) == "manifest.json is unreadable"
+    (ck / "manifest.json").unlink()
+    assert checkpoint.verify(ck) == "no manifest.json (incomplete save)"
+
+
+def test_find_resumable_skips_broken_by_name_ignores_temp_folders_and_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, step)
+    (root / ".tmp-step-8" / "accelerate").mkdir(parents=True)  # a save killed half-way
+    (root / "latest").write_text("step-2\n")                    # stale pointer: not trusted
+    with (root / "step-6" / "trainer_state.json").open("a") as fh:
+        fh.write(" ")
+    (root / "step-4" / "manifest.json").unlink()
+    logged = []
+    assert checkpoint.find_resumable(tmp_path, log=logged.append) == root / "step-2"
+    assert logged == [f"checkpoint: skipping {root}/step-6: trainer_state.json has 12 bytes, manifest says 11",
+                      f"checkpoint: skipping {root}/step-4: no manifest.json (incomplete save)"]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-6", "step-4", "step-2"]
+    assert checkpoint.find_resumable(tmp_path / "nothing-here") is None
+
+
+def test_prune_keeps_the_newest_up_to_the_step_just_saved(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 10):
+        fake_checkpoint(tmp_path, step)
+    (root / ".tmp-step-8").mkdir()
+    # Resumed from step-6 because step-10 is broken; step-8 was just saved with keep_last=1. Counting step-10
+    # would delete step-8 and leave only the broken one.
+    fake_checkpoint(tmp_path, 8)
+    checkpoint.prune(root, keep_last=1, upto=8)
+    assert sorted(p.name for p in root.iterdir()) == ["step-10", "step-8"]
+    checkpoint.prune(root, keep_last=1, upto=10)
+    assert sorted(p.name for p in root.iterdir()) == ["step-10"]
+
+
+# ----------------------------------------------------------------------------------------------- compatibility
+def _saved_recipe(tmp_path, **sections) -> Path:
+    from trainer.config import dump_yaml
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.yaml").write_text(dump_yaml(recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "a", **sections))))
+    return ck
+
+
+def test_breaking_recipe_changes_refused_in_one_line_listing_all(tmp_path):
+    ck = _saved_recipe(tmp_path)
+    new = recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "b", lora={"r": 4}, data={"max_seq_len": 96},
+                                       train={"max_steps": 40, "lr": 5e-4}))
+    with pytest.raises(UserError) as err:
+        checkpoint.check_compatible(ck, new)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (f"{ck}: cannot resume, the recipe changed in ways this checkpoint cannot follow: "
+                       "data.max_seq_len: 128 -> 96; lora.r: 8 -> 4. Restore those values, or start over with --fresh.")
+
+
+def test_harmless_recipe_changes_are_returned_output_dir_ignored(tmp_path):
+    ck = _saved_recipe(tmp_path)
+    new = recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "elsewhere", train={
+        "max_steps": 40, "eval_every": 5, "log_every": 3, "save_every": 7, "micro_batch_size": 1, "grad_accum": 4}))
+    assert checkpoint.check_compatible(ck, new) == [
+        "train.eval_every: 2 -> 5", "train.grad_accum: 2 -> 4", "train.log_every: 1 -> 3", "train.max_steps: 4 -> 40",
+        "train.micro_batch_size: 2 -> 1", "train.save_every: 2 -> 7"]
+
+
+@pytest.mark.parametrize("sections, line", [
+    ({"lora": None}, "lora: {'r': 8, 'alpha': 16.0, 'dropout': 0.0, 'target_modules': 'all-linear'} -> None"),
+    ({"lora": {"target_modules": ["q_proj"]}}, "lora.target_modules: 'all-linear' -> ['q_proj']"),
+    ({"data": {"packing": False}}, "data.packing: True -> False"),
+    ({"data": {"hub_split": "validation"}}, "data.hub_split: 'train' -> 'validation'"),
+    ({"model": {"name_or_path": "other"}}, "model.name_or_path: 'm' -> 'other'"),
+])
+def test_each_breaking_key(tmp_path, sections, line):
+    old = recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "a"))
+    new = recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "a", **sections))
+    from trainer.config import to_dict
+    breaking, harmless = checkpoint.recipe_differences(to_dict(old), to_dict(new))
+    assert (breaking, harmless) == ([line], [])
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+def test_rng_state_round_trips_through_json():
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    saved = json.loads(json.dumps(checkpoint.rng_state()))
+    first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(),
+             torch.nn.functional.dropout(torch.ones(64), 0.5).tolist())
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    checkpoint.set_rng_state(saved)
+    again = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(),
+             torch.nn.functional.dropout(torch.ones(64), 0.5).tolist())
+    assert again == first
+
+
+# ----------------------------------------------------------------------------------------------- data cursor
+def _plan(n_rows, micro, accum, world):
+    recipe = recipe_from_dict(tiny_recipe("m", ALPACA, Path("x"),
+                                          train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 100}))
+    return recipe, make_plan(n_rows, recipe, world)
+
+
+def _step_ids(state, plan, recipe, world):
+    """All rows of one step, over every rank, in micro-batch order (what the step trains on)."""
+    t = recipe.train
+    order = epoch_order(plan.rows, state.data_seed, state.epoch)
+    per_rank = [step_rows(order, state.cursor, t.micro_batch_size, t.grad_accum, world, r) for r in range(world)]
+    return [i for j in range(t.grad_accum) for r in range(world) for i in per_rank[r][j]]
+
+
+def test_every_row_once_per_epoch_and_the_step_does_not_depend_on_world_size():
+    n = 35  # 9 steps of 4 rows; the last one short (3 rows)
+    seen = {}
+    for micro, accum, world in [(2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4)]:
+        recipe, plan = _plan(n, micro, accum, world)
+        assert plan.rows_per_step == 4 and plan.steps_per_epoch == 9
+        state, steps = TrainState(data_seed=7), []
+        while state.epoch < 2:
+            steps.append((state.epoch, _step_ids(state, plan, recipe, world)))
+            advance(state, plan, samples=0, tokens=0, targets=0)
+        for epoch in (0, 1):
+            rows = [i for e, ids in steps if e == epoch for i in ids]
+            assert sorted(rows) == list(range(n))  # no repeats, no gaps
+        assert [len(ids) for _, ids in steps[:9]] == [4] * 8 + [3]
+        seen[(micro, accum, world)] = steps
+    first = next(iter(seen.values()))
+    assert all(steps == first for steps in seen.values())  # same rows, same order, any split
+
+
+def test_resume_mid_epoch_on_another_world_size_continues_with_the_next_unseen_rows():
+    n = 35
+    recipe1, plan1 = _plan(n, 2, 2, 1)
+    state, full = TrainState(data_seed=3), []
+    for _ in range(12):
+        full.append(_step_ids(state, plan1, recipe1, 1))
+        advance(state, plan1, samples=0, tokens=0, targets=0)
+
+    state = TrainState(data_seed=3)
+    resumed = []
+    for _ in range(5):
+        resumed.append(_step_ids(state, plan1, recipe1, 1))
+        advance(state, plan1, samples=0, tokens=0, targets=0)
+    state = TrainState.from_dict(json.loads(json.dumps({**state.to_dict(), "unknown_key": 1})))  # the checkpoint
+    assert (state.step, state.epoch, state.cursor) == (5, 0, 20)
+    recipe2, plan2 = _plan(n, 1, 2, 2)  # resumed on 2 processes
+    for _ in range(7):
+        resumed.append(_step_ids(state, plan2, recipe2, 2))
+        advance(state, plan2, samples=0, tokens=0, targets=0)
+    assert resumed == full
+    assert (state.step, state.epoch, state.cursor) == (12, 1, 12)
+
+
+# ----------------------------------------------------------------------------------------------- no pickles
+@pytest.fixture
+def saved_checkpoint(tmp_path, tiny_model_dir):
+    """A real checkpoint of a tiny LoRA model after one optimizer step, and a loader into a fresh model."""
+    from accelerate.state import AcceleratorState
+
+    from trainer.distributed import build_accelerator
+    from trainer.model import build_model
+    from trainer.optim import build_optimizer
+
+    recipe = recipe_from_dict(tiny_recipe(tiny_model_dir, ALPACA, tmp_path / "run"))
+
+    def fresh(seed):
+        AcceleratorState._reset_state(True)
+        acc = build_accelerator(grad_accum=1, mixed_precision="no", micro_batch_size=1, max_grad_norm=1.0)
+        torch.manual_seed(seed)
+        model = build_model(recipe.model, recipe.lora, log=lambda m: None)
+        model, opt = acc.prepare(model, build_optimizer(model, recipe.train))
+        checkpoint.install_trainable_only_hook(acc)
+        return acc, model, opt
+
+    acc, model, opt = fresh(0)
+    model(input_ids=torch.arange(3, 19).view(1, -1), labels=torch.arange(3, 19).view(1, -1)).loss.backward()
+    opt.step()
+    ck = checkpoint.save(acc, model, tmp_path / "run", TrainState(step=1), recipe, log=lambda m: None)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    yield ck, trained, opt.state_dict(), lambda: fresh(1)
+    AcceleratorState._reset_state(True)
+
+
+class Payload:
+    """Unpickling it creates a file: proof that code from the checkpoint ran."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_loads_without_pickle_and_round_trips(saved_checkpoint, monkeypatch):
+    ck, trained, opt_state, fresh = saved_checkpoint
+    files = sorted(json.loads((ck / "manifest.json").read_text())["files"])
+    pickled = [f for f in files if not f.endswith((".safetensors", ".json", ".yaml", ".md"))]
+    assert pickled == ["accelerate/optimizer.bin"]  # accelerate's random_states_0.pkl was dropped
+    assert sorted(load_file(ck / "accelerate/model.safetensors")) == sorted(trained)
+
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append((Path(f).name, k.get("weights_only")))
+                        or real_load(f, *a, **k))
+    acc, model, opt = fresh()
+    assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if p.requires_grad)
+    state = checkpoint.load(acc, ck)
+    assert state.step == 1
+    # accelerate 1.15 passes weights_only=True by default: optimizer.bin, and an attempt at the (deleted, and
+    # never needed: ours is rng/rank-0.json) random_states_0.pkl that it tolerates missing.
+    assert loads == [("optimizer.bin", True), ("random_states_0.pkl", True)]
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, trained[n]), n
+    got = opt.state_dict()["state"]
+    assert all(torch.equal(got[i]["exp_avg_sq"], opt_state["state"][i]["exp_avg_sq"]) for i in opt_state["state"])
+
+
+@pytest.mark.parametrize("planted", ["accelerate/optimizer.bin", "accelerate/random_states_0.pkl",
+                                     "accelerate/custom_checkpoint_0.pkl"])
+def test_a_pickle_we_did_not_write_never_runs(saved_checkpoint, tmp_path, planted):
+    ck, _, _, fresh = saved_checkpoint
+    marker = tmp_path / "code-ran"
+    torch.save({"state": Payload(marker), "param_groups": []}, ck / planted)
+    if planted != "accelerate/optimizer.bin":
+        # A file the manifest does not list: the checkpoint is refused as it is.
+        assert checkpoint.verify(ck) == f"{planted} is not in manifest.json (not written by this save; never loaded)"
+    checkpoint.write_manifest(ck)  # someone who can also rewrite the manifest
+    assert checkpoint.verify(ck) is None
+    acc, _, _ = fresh()
+    if planted == "accelerate/random_states_0.pkl":
+        checkpoint.load(acc, ck)  # accelerate reads it with weights_only=True, fails, ignores it; ours is JSON
+    else:
+        with pytest.raises(Exception) as err:
+            checkpoint.load(acc, ck)
+        assert "weights_only" in str(err.value) or "custom" in str(err.value).lower(), err.value
+    assert not marker.exists()
+
+
+def test_weights_under_other_names_are_refused_not_silently_skipped(saved_checkpoint):
+    """accelerate loads with strict=False (the frozen base is not saved): names that match nothing would
+    load nothing and the run would go on from fresh LoRA weights."""
+    ck, _, _, fresh = saved_checkpoint
+    f = ck / "accelerate/model.safetensors"
+    save_file({f"module.{k}": v for k, v in load_file(f).items()}, f)
+    checkpoint.write_manifest(ck)
+    acc, _, _ = fresh()
+    with pytest.raises(UserError, match=r"model.safetensors: does not match the model: \d+ trainable tensor\(s\) "
+                                        r"missing .* \d+ unknown \['module\.base_model"):
+        checkpoint.load(acc, ck)
