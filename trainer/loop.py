@@ -13,6 +13,7 @@ from trainer import checkpoint
 from trainer.config import Recipe
 from trainer.data import IGNORE, collate, count_targets
 from trainer.evaluate import dataset_loss
+from trainer.flops import FlopsMeter
 from trainer.model import token_loss_sum
 from trainer.optim import lr_at, set_lr
 from trainer.state import TrainState, epoch_order, step_rows
@@ -118,6 +119,7 @@ def train(recipe: Recipe, accelerator, model, optimizer, rows, val_rows, state: 
     world, rank = accelerator.num_processes, accelerator.process_index
     stop = StopRequest().install()
     model.train()
+    meter = FlopsMeter(model, recipe.model.dtype, accelerator.device, world)  # model TFLOP/s; MFU on known GPUs
     last = {"loss": float("nan")}
     window = {"tokens": 0, "targets": 0, "slots": 0, "time": 0.0}
     session_start = time.perf_counter()
@@ -131,8 +133,9 @@ def train(recipe: Recipe, accelerator, model, optimizer, rows, val_rows, state: 
             counts = accelerator.reduce(torch.tensor(
                 [sum(int(b["n_rows"]) for b in batches), sum(int(b["n_tokens"]) for b in batches),
                  sum(b["input_ids"].numel() for b in batches), len(sample_ids),
-                 float(stop.signum is not None)], dtype=torch.float64, device=accelerator.device), "sum").tolist()
-            _, tokens, slots, samples, stop_votes = counts
+                 float(stop.signum is not None), meter.batches_len_sq(batches)],
+                dtype=torch.float64, device=accelerator.device), "sum").tolist()
+            _, tokens, slots, samples, stop_votes, len_sq = counts
             if out["finite"]:
                 state.bad_steps_in_row = 0
             else:
@@ -152,6 +155,8 @@ def train(recipe: Recipe, accelerator, model, optimizer, rows, val_rows, state: 
             window["targets"] += out["targets"]
             window["slots"] += slots
             window["time"] += dt
+            window["len_sq"] = window.get("len_sq", 0.0) + len_sq
+            meter.add(tokens, len_sq, dt)
             state.wall_time = wall_at_start + time.perf_counter() - session_start
             last = {"loss": out["loss"], "grad_norm": out["grad_norm"]}
             tracker.advance(state.step)
@@ -163,7 +168,8 @@ def train(recipe: Recipe, accelerator, model, optimizer, rows, val_rows, state: 
                     "padding_frac": 1 - window["tokens"] / max(window["slots"], 1),
                     "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
                     "mem_gib": peak_memory_gib(), "elapsed_s": state.wall_time,
-                    "skipped": state.skipped_steps})
+                    "skipped": state.skipped_steps,
+                    **meter.metrics(window["tokens"], window.get("len_sq", 0.0), window["time"])})
                 window = {"tokens": 0, "targets": 0, "slots": 0, "time": 0.0}
             if val_rows is not None and (state.step % t.eval_every == 0 or state.step == plan.total_steps):
                 ev = dataset_loss(model, val_rows, batch_size=t.eval_batch_size, pad_id=pad_id,
@@ -181,7 +187,7 @@ def train(recipe: Recipe, accelerator, model, optimizer, rows, val_rows, state: 
                 break
     finally:
         stop.restore()
-    return last
+    return {**last, "flops": meter.summary()}
 
 
 def advance(state: TrainState, plan: Plan, *, samples: int, tokens: int, targets: int) -> None:

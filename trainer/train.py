@@ -39,11 +39,13 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
     tokenizer = load_tokenizer(recipe.model.name_or_path)
     with main_first(accelerator):  # rank 0 tokenizes and fills the cache, the others read it
         data = prepare_data(recipe.data, tokenizer, log=log)
-    log(f"data: {describe(data.stats)} ({time.perf_counter() - t0:.1f} s)")
+    data_prepare_s = time.perf_counter() - t0
+    log(f"data: {describe(data.stats)} ({data_prepare_s:.1f} s)")
 
     t0 = time.perf_counter()
     model = build_model(recipe.model, recipe.lora, device_map=_device_map(recipe, accelerator), log=log)
-    log(f"model: loaded in {time.perf_counter() - t0:.1f} s")
+    model_load_s = time.perf_counter() - t0
+    log(f"model: loaded in {model_load_s:.1f} s")
     optimizer = build_optimizer(model, recipe.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpoint.install_trainable_only_hook(accelerator)
@@ -77,7 +79,12 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
                "tokens_per_s": round((state.tokens_seen - tokens_before) / max(state.wall_time - wall_before, 1e-9), 2),
                "steps_this_session": state.step - steps_before, "peak_mem_gib": round(peak_memory_gib(), 3),
                "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
-               "final_eval_ppl": last.get("eval_ppl"), "data": data.stats, "preempted": bool(last.get("preempted"))}
+               "final_eval_ppl": last.get("eval_ppl"), "data": data.stats, "preempted": bool(last.get("preempted")),
+               "model_load_s": round(model_load_s, 3), "data_prepare_s": round(data_prepare_s, 3),
+               **last.get("flops", {})}  # model_flops_per_token, tflops (per device); mfu, mfu_peak on known GPUs
+    if summary.get("mfu") is not None:
+        log(f"train: {summary['tflops']:.1f} model TFLOP/s per device, MFU {summary['mfu']:.1%} "
+            f"(peak {summary['mfu_peak']}, {recipe.model.dtype})")
     if accelerator.is_main_process:
         (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()

@@ -38,7 +38,7 @@ N_ROWS = 64                          # Alpaca rows -> 51 train samples at max_se
 LAUNCH_TIMEOUT_S = 300
 # Tolerances, from what these runs measure (fp32, lr 1e-2, 7 AdamW steps, clipping active):
 # * metrics.csv loss / grad_norm / eval_loss (kept to 6 decimals): 1 vs 2 processes and DDP vs ZeRO-2 differ by at
-#   most 5e-7 relative (one rounding quantum); a different sample in a batch moves them by ~1e-3.
+#   most 5e-7 relative (one rounding quantum); here the losses of consecutive steps differ by 1e-2 or more.
 # * adapter weights: lora_B within 3e-7; lora_A within 6e-6 (DDP vs 1 process) and 1.3e-5 (ZeRO-2 vs DDP), reached
 #   at step 2 (lora_A's first non-zero gradient: lora_B starts at zero) and constant after: AdamW's g/(sqrt(v)+eps)
 #   magnifies last-bit summation-order differences of near-zero gradient entries. One step moves weights by ~lr.
