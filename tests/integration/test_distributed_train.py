@@ -416,3 +416,24 @@ def test_resume_topology_rule():
         assert msg and "\n" not in msg and "--num_processes 2" in msg
     msg = resume_topology_problem(ddp2, now("DEEPSPEED", 2))
     assert msg and "without DeepSpeed" in msg
+
+
+def test_estimator_bytes_match_the_real_zero2_run(zero2, tiny_model_dir):
+    """`trainer estimate`'s parameter, gradient and optimizer counts equal what the 2-process ZeRO-2 run allocated."""
+    from trainer.config import load_recipe
+    from trainer.estimate import estimate, load_model_config, zero2_partition_numel
+
+    ckpt = zero2.dir / "checkpoints" / f"step-{zero2.summary['steps']}"
+    adapter = zero2.adapter()
+    n_trainable = sum(t.numel() for t in adapter.values())
+    recipe = load_recipe(zero2.dir / "config.yaml")
+    est = estimate(recipe, load_model_config(str(tiny_model_dir)), gpus=WORLD, gpu_mem_gib=1.0, zero_stage=2)
+    assert est.trainable_weights == n_trainable * 4          # LoRA weights in fp32, whole on every rank
+    for shard in zero_shards(ckpt):
+        sd = load_ds(shard)["optimizer_state_dict"]
+        numel = sum(t.numel() for t in sd["single_partition_of_fp32_groups"])
+        assert numel == zero2_partition_numel(n_trainable, WORLD)
+        state = sd["base_optimizer_state"]["state"]
+        adam_bytes = sum(t.numel() * t.element_size() for s in state.values() for k, t in s.items()
+                         if k in ("exp_avg", "exp_avg_sq"))
+        assert adam_bytes == est.optimizer_states           # 2 fp32 moments of this rank's partition
