@@ -132,13 +132,11 @@ def _detach_gguf_quantizer(model) -> None:
     for name, param in model.named_parameters():
         if not param.dtype.is_floating_point or param.dtype != torch.float32:
             raise RuntimeError(f"unexpected parameter {name} of dtype {param.dtype} after GGUF de-quantization")
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    else:  # nothing attached the quantizer; still make sure no stale config is saved
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    model.is_quantized = False
+    from trainer.model import detach_gguf_quantizer
+
+    detach_gguf_quantizer(model)
+    if hasattr(model.config, "quantization_config"):  # never save a stale quantization config
+        del model.config.quantization_config
 
 
 def _fix_tokenizer(tokenizer) -> None:

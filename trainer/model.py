@@ -62,12 +62,12 @@ def load_base(cfg: ModelConfig, *, dtype: torch.dtype, quantize: bool, device_ma
 
 
 def detach_gguf_quantizer(model) -> None:
-    """A GGUF-loaded model is plain float weights but remembers its quantizer and refuses save_pretrained."""
-    if getattr(model, "hf_quantizer", None) is not None and "gguf" in type(model.hf_quantizer).__name__.lower():
-        model.hf_quantizer = None
+    """A GGUF-loaded Llama is plain float weights (transformers de-quantizes on load) but keeps its
+    GgufHfQuantizer, which makes save_pretrained refuse; the quantizer is bookkeeping only: drop it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf" in type(quantizer).__name__.lower():
+        quantizer.remove_quantization_config(model)
         model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
 
 
 def build_model(cfg: ModelConfig, lora: LoraConfig | None, device_map=None, log=print):
