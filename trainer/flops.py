@@ -113,7 +113,7 @@ def sample_lengths_sq(position_ids: torch.Tensor, labels: torch.Tensor) -> int:
     return int((lengths[has_target].double() ** 2).sum())
 
 
-def peak_tflops(dtype: str, device=None) -> tuple[str, float] | None:
+def peak_tflops(dtype: str, device=None, tf32: bool | None = None) -> tuple[str, float] | None:
     """(device name, dense peak TFLOP/s) for the compute dtype (`fp32`/`bf16`/`fp16`), or None where unknown
     (CPU, unlisted GPU)."""
     if not torch.cuda.is_available():
@@ -122,7 +122,9 @@ def peak_tflops(dtype: str, device=None) -> tuple[str, float] | None:
         return None
     name = torch.cuda.get_device_name(device if device is not None else 0)
     kind = dtype
-    if dtype == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+    if tf32 is None:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+    if dtype == "fp32" and tf32:
         kind = "tf32"
     for key, peaks in GPU_PEAK_TFLOPS.items():
         if key in name and kind in peaks:

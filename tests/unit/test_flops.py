@@ -76,14 +76,12 @@ def test_packed_rows_count_each_samples_own_attention():
 
 def test_gpu_peaks_by_name_and_dtype(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     for name, dtype, peak in [("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H100 PCIe", "bf16", 756.0),
                               ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA L4", "bf16", 121.0),
                               ("NVIDIA L40S", "bf16", 362.0), ("NVIDIA A100-SXM4-80GB", "fp32", 19.5)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
-        assert F.peak_tflops(dtype) == (name, peak)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert F.peak_tflops("fp32")[1] == 156.0  # A100 TF32
+        assert F.peak_tflops(dtype, tf32=False) == (name, peak)
+    assert F.peak_tflops("fp32", tf32=True)[1] == 156.0  # A100 TF32
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce GTX 1080")
     assert F.peak_tflops("bf16") is None  # unknown card: no MFU
     assert F.mfu(494.5e12, 989.0) == pytest.approx(0.5)
