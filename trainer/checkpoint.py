@@ -274,7 +274,7 @@ def read_state(ckpt: Path) -> dict:
 
 # Changing these would make the saved weights, optimizer state or data position meaningless.
 BREAKING = ["model.name_or_path", "model.quantization", "lora", "data.path", "data.format", "data.columns",
-            "data.max_seq_len", "data.packing", "data.train_on", "data.val_fraction", "data.test_fraction",
+            "data.max_seq_len", "data.packing", "data.group_by_length", "data.train_on", "data.val_fraction", "data.test_fraction",
             "data.split_seed", "data.hub_split", "train.optimizer"]
 
 

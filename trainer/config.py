@@ -30,6 +30,9 @@ class ModelConfig:
     """Recompute activations in backward (non-reentrant): less memory, about 30% more compute."""
     attn_implementation: str = "sdpa"
     """`sdpa` everywhere; `flash_attention_2` on a GPU that has it installed."""
+    chunked_loss: bool = True
+    """Cross-entropy from lm_head's input, on target positions only, a chunk of vocab-size logits at a time:
+    the full (tokens x vocab) logits are never built. Same loss and gradients; false: the model's own logits."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class DataConfig:
     max_seq_len: int = 1024
     packing: bool = True
     """Several samples per row of max_seq_len, with no attention across sample boundaries."""
+    group_by_length: bool = True
+    """Without packing: rows of similar length share a step (less padding); steps still come in random order."""
     val_fraction: float = 0.05
     test_fraction: float = 0.0
     train_on: Literal["completion", "all"] = "completion"

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from trainer import checkpoint
@@ -32,19 +33,21 @@ class Plan:
     rows_per_step: int       # global: micro_batch * grad_accum * world
     steps_per_epoch: int
     total_steps: int
+    lengths: object = None   # row lengths when steps are grouped by length (packing off), else None
 
 
-def make_plan(n_rows: int, recipe: Recipe, world: int) -> Plan:
+def make_plan(n_rows: int, recipe: Recipe, world: int, lengths=None) -> Plan:
     t = recipe.train
     per_step = t.micro_batch_size * t.grad_accum * world
     steps_per_epoch = max(1, math.ceil(n_rows / per_step))
     total = t.max_steps if t.max_steps is not None else steps_per_epoch * t.epochs
-    return Plan(n_rows, per_step, steps_per_epoch, total)
+    grouped = lengths is not None and recipe.data.group_by_length and not recipe.data.packing
+    return Plan(n_rows, per_step, steps_per_epoch, total, np.asarray(lengths) if grouped else None)
 
 
 def micro_batches(rows, state: TrainState, plan: Plan, recipe: Recipe, world: int, rank: int, pad_id: int):
     """This rank's micro-batches for the next step, and the sample ids they hold."""
-    order = epoch_order(plan.rows, state.data_seed, state.epoch)
+    order = epoch_order(plan.rows, state.data_seed, state.epoch, plan.lengths, plan.rows_per_step)
     slices = step_rows(order, state.cursor, recipe.train.micro_batch_size, recipe.train.grad_accum, world, rank)
     batches, sample_ids = [], []
     for idx in slices:
@@ -58,7 +61,8 @@ def micro_batches(rows, state: TrainState, plan: Plan, recipe: Recipe, world: in
     return batches, sample_ids
 
 
-def train_step(accelerator, model, optimizer, batches: list[dict], max_grad_norm: float) -> dict:
+def train_step(accelerator, model, optimizer, batches: list[dict], max_grad_norm: float,
+               chunked_loss: bool = True) -> dict:
     """One optimizer step over this rank's micro-batches.
 
     The loss is the sum of token losses divided by the target tokens of the whole step (all micro-batches,
@@ -74,7 +78,7 @@ def train_step(accelerator, model, optimizer, batches: list[dict], max_grad_norm
     for batch in batches:
         batch = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")}
         with accelerator.accumulate(model), accelerator.autocast():
-            step_loss, _ = token_loss_sum(model, batch)
+            step_loss, _ = token_loss_sum(model, batch, chunked_loss)
             accelerator.backward(step_loss * scale)
         loss_sum += step_loss.detach().double()
     loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(n_targets, 1.0)
@@ -129,7 +133,7 @@ def train(recipe: Recipe, accelerator, model, optimizer, rows, val_rows, state: 
             t0 = time.perf_counter()
             set_lr(optimizer, lr_at(state.step, t, plan.total_steps))
             batches, sample_ids = micro_batches(rows, state, plan, recipe, world, rank, pad_id)
-            out = train_step(accelerator, model, optimizer, batches, t.max_grad_norm)
+            out = train_step(accelerator, model, optimizer, batches, t.max_grad_norm, recipe.model.chunked_loss)
             counts = accelerator.reduce(torch.tensor(
                 [sum(int(b["n_rows"]) for b in batches), sum(int(b["n_tokens"]) for b in batches),
                  sum(b["input_ids"].numel() for b in batches), len(sample_ids),

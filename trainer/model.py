@@ -119,7 +119,7 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.named_parameters() if v.requires_grad}
 
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(model, batch: dict, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over target tokens, number of target tokens) for one batch.
 
     A sum, not a mean: the loop divides by the target tokens of the whole optimizer step, so the loss and
@@ -129,7 +129,7 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     import torch.nn.functional as F
 
     targets = batch["labels"][:, 1:]
-    head = plain_lm_head(model)
+    head = plain_lm_head(model) if chunked else None
     with lm_head_input(head) as captured:
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     if captured:  # the model's logits were never built: cross-entropy from lm_head's input, in chunks
@@ -149,7 +149,7 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 # loss reads lm_head's input, keeps only the target positions (prompt tokens need no logits at all), and runs the
 # vocabulary projection a chunk of rows at a time, computing each chunk's gradient right away: peak memory for the
 # loss is one chunk of logits, and no FLOP is added (the softmax gradient is the usual one, just computed early).
-# TRAINER_CHUNKED_CE=0 turns it off (the model's own logits and F.cross_entropy, as before).
+# Recipe key model.chunked_loss: false turns it off (the model's own logits and F.cross_entropy).
 CE_CHUNK_BYTES = 64 * 2**20  # fp32 logits alive at a time in the chunked cross-entropy
 LOGIT_SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
                       "lm_head_multiplier", "attn_logit_softcapping_final")
@@ -161,10 +161,6 @@ def plain_lm_head(model):
     None (the full-logits path) for a LoRA-wrapped or quantized head, a head with a bias, or a model that scales or
     soft-caps its logits after the head (Gemma 2, Cohere, Granite, ...).
     """
-    import os
-
-    if os.environ.get("TRAINER_CHUNKED_CE", "1") == "0":
-        return None
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DeepSpeed engine
         model = model.module
     get = getattr(model, "get_output_embeddings", None)
@@ -202,7 +198,7 @@ class lm_head_input:  # noqa: N801 - used as a context manager, like torch's
         if self.handle is not None:
             self.handle.remove()
         if len(self.captured) > 1:  # called more than once: not the plain forward this expects
-            raise RuntimeError("lm_head ran more than once in one forward; set TRAINER_CHUNKED_CE=0")
+            raise RuntimeError("lm_head ran more than once in one forward; set model.chunked_loss=false")
         return False
 
 

@@ -29,8 +29,26 @@ class TrainState:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def epoch_order(n_rows: int, data_seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([data_seed, epoch]).permutation(n_rows)
+GROUP_STEPS = 50  # length grouping sorts windows of this many global batches (HF's LengthGroupedSampler: 50)
+
+
+def epoch_order(n_rows: int, data_seed: int, epoch: int, lengths: np.ndarray | None = None,
+                rows_per_step: int = 1) -> np.ndarray:
+    """This epoch's row order: a seeded permutation. With `lengths` (length grouping, packing off) each window of
+    GROUP_STEPS global batches is sorted by length, cut into global batches, and those batches shuffled: a step's
+    rows have similar lengths (little padding) while the order of steps stays random."""
+    rng = np.random.default_rng([data_seed, epoch])
+    order = rng.permutation(n_rows)
+    if lengths is None:
+        return order
+    window = GROUP_STEPS * rows_per_step
+    out = []
+    for start in range(0, n_rows, window):
+        part = order[start:start + window]
+        part = part[np.argsort(-np.asarray(lengths)[part], kind="stable")]
+        steps = [part[i:i + rows_per_step] for i in range(0, len(part), rows_per_step)]
+        out += [steps[i] for i in rng.permutation(len(steps))]
+    return np.concatenate(out)
 
 
 def step_rows(order: np.ndarray, cursor: int, micro_batch: int, grad_accum: int, world: int,

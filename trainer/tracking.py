@@ -7,10 +7,12 @@ import math
 from pathlib import Path
 
 CSV_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "target_tokens_per_s", "padding_frac",
-              "samples_seen", "tokens_seen", "mem_gib", "elapsed_s", "eval_loss", "eval_ppl", "skipped"]
+              "samples_seen", "tokens_seen", "mem_gib", "elapsed_s", "eval_loss", "eval_ppl", "skipped",
+              "tflops", "mfu"]  # model TFLOP/s per device; MFU only where the device's peak is known
 TB_NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
             "tokens_per_s": "train/tokens_per_s", "padding_frac": "train/padding_frac",
-            "mem_gib": "memory/peak_gib", "eval_loss": "eval/loss", "eval_ppl": "eval/ppl"}
+            "mem_gib": "memory/peak_gib", "eval_loss": "eval/loss", "eval_ppl": "eval/ppl",
+            "tflops": "perf/model_tflops", "mfu": "perf/mfu"}
 
 
 class Tracker:

@@ -54,7 +54,7 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
     if ckpt is not None:
         state = checkpoint.load(accelerator, ckpt)
         log(f"resume: from {ckpt} at step {state.step} (epoch {state.epoch}, {state.samples_seen} samples seen)")
-    plan = make_plan(len(data.train), recipe, accelerator.num_processes)
+    plan = make_plan(len(data.train), recipe, accelerator.num_processes, data.train["length"])
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(recipe))

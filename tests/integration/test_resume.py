@@ -85,8 +85,8 @@ def micro_batches(rows, state, *args):
     with open(os.path.join(os.environ["IDS_DIR"], f"rank{os.environ['RANK']}-step{current['step']}.json"), "w") as f:
         f.write(json.dumps(sorted(ids)))
     return batches, ids
-def token_loss_sum(model, batch):
-    loss, n = real_loss(model, batch)
+def token_loss_sum(model, batch, chunked=True):
+    loss, n = real_loss(model, batch, chunked)
     return (loss * float("nan") if current["step"] == 2 and os.environ["RANK"] == "1" else loss), n
 loop.micro_batches, loop.token_loss_sum = micro_batches, token_loss_sum
 from trainer.cli import main
@@ -555,8 +555,8 @@ def in_process(tmp_path, make_raw, monkeypatch):
             ids_of[state.step + 1] = ids
             return batches, ids
 
-        def token_loss_sum(model, batch):
-            loss, n = real_loss(model, batch)
+        def token_loss_sum(model, batch, chunked=True):
+            loss, n = real_loss(model, batch, chunked)
             return loss * hook(current["step"]), n
 
         monkeypatch.setattr(loop, "micro_batches", micro_batches)

@@ -146,3 +146,23 @@ def test_accumulation_split_does_not_change_loss_or_gradient(tmp_path, tiny_mode
     assert a_out["grad_norm"] == pytest.approx(b_out["grad_norm"], rel=1e-5)
     for name in a_grads:
         torch.testing.assert_close(a_grads[name], b_grads[name], atol=1e-7, rtol=1e-4)
+
+
+def test_packing_off_groups_rows_by_length(tmp_path, tiny_model_dir):
+    """Packing off: length grouping (the default) pads far less than a plain shuffle; the same rows train."""
+    padding, seen = {}, {}
+    for grouped in (True, False):
+        run_dir = tmp_path / f"grouped-{grouped}"
+        raw = tiny_recipe(tiny_model_dir, ALPACA, run_dir, model={"gradient_checkpointing": False},
+                          data={"max_seq_len": 256, "val_fraction": 0.0, "packing": False, "group_by_length": grouped},
+                          train={"epochs": 1, "max_steps": None, "micro_batch_size": 8, "grad_accum": 1,
+                                 "log_every": 1000, "eval_every": 1000, "save_every": 1000})
+        raw["data"]["path"] = str(tmp_path / "rows.json")
+        (tmp_path / "rows.json").write_text(json.dumps(json.loads(open(ALPACA).read())[:160]))
+        run_cli(tmp_path, raw)
+        [row] = [r for r in read_metrics(run_dir / "metrics.csv") if r["loss"]]  # one log row: the last step
+        padding[grouped] = float(row["padding_frac"])
+        summary = json.loads((run_dir / "run_summary.json").read_text())
+        seen[grouped] = (summary["steps"], summary["tokens_seen"], summary["target_tokens_seen"])
+    assert seen[True] == seen[False] and seen[True][0] == 20
+    assert padding[False] > 0.3 and padding[True] < 0.1, padding

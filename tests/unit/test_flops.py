@@ -12,12 +12,13 @@ from trainer import flops as F
 
 
 def counted_train_flops(model, ids, pos, labels) -> int:
-    """Matmul FLOPs of one forward + backward, counted by torch (mm/bmm/addmm; eager attention is bmm/matmul)."""
+    """Matmul FLOPs of one forward + backward, counted by torch (mm/bmm/addmm; eager attention is bmm/matmul).
+    The model's own logits at every position (chunked loss off), as the formula counts."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from trainer.model import token_loss_sum
     with FlopCounterMode(display=False) as counter:
-        loss, n = token_loss_sum(model, {"input_ids": ids, "labels": labels, "position_ids": pos})
+        loss, n = token_loss_sum(model, {"input_ids": ids, "labels": labels, "position_ids": pos}, chunked=False)
         loss.backward()
     return counter.get_total_flops()
 
@@ -27,8 +28,7 @@ def eager(model):
     return model
 
 
-def test_full_finetune_is_6n_plus_attention(monkeypatch):
-    monkeypatch.setenv("TRAINER_CHUNKED_CE", "0")  # logits at every position, as the formula counts
+def test_full_finetune_is_6n_plus_attention():
     model = eager(make_model(512))
     fm = F.flops_model(model)
     cfg = model.config
@@ -44,12 +44,11 @@ def test_full_finetune_is_6n_plus_attention(monkeypatch):
     assert fm.per_token(s) == 6 * fm.matmul_params + 12 * 2 * 64 * s
 
 
-def test_lora_is_4n_plus_6n_lora_an_upper_bound(monkeypatch):
+def test_lora_is_4n_plus_6n_lora_an_upper_bound():
     """Frozen base: no weight gradients; the bound counts activation gradients into layer 0's frozen projections,
     which autograd skips (their input needs no gradient): the real count is a little lower, never higher."""
     from trainer.config import LoraConfig
     from trainer.model import apply_lora
-    monkeypatch.setenv("TRAINER_CHUNKED_CE", "0")
     base = eager(make_model(512))
     n_base = F.flops_model(base).matmul_params
     model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))

@@ -1,0 +1,42 @@
+"""bench/vs_trl.py's harness on the tiny model, trainer side only (TRL is a bench extra, not installed in CI).
+Checks the figures the README table is built from, not any speed: speed is the benchmark's job."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+import vs_trl  # noqa: E402
+
+
+def test_trainer_run_is_counted_and_reported(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "vs_trl.py"), "--tiny", "--rows", "40", "--tools",
+                           "trainer", "--eval-rows", "8", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [result_json] = out.glob("vs_trl-*.json")
+    [result_md] = out.glob("vs_trl-*.md")
+    payload = json.loads(result_json.read_text())
+    r = payload["results"]["trainer"]
+    assert r["rc"] == 0 and r["steps"] >= 1
+    # Every real token of the 40 rows trained once (one epoch), packed (40 rows: the last packed rows are part
+    # empty, so the bound is looser than the <5% measured on 200 rows of the real model).
+    assert r["real_tokens"] > 40 * 10 and r["target_tokens"] < r["real_tokens"]
+    assert 0.0 < r["padding_frac"] < 0.1
+    assert len(r["losses"]) == r["steps"] and r["final_loss"] == pytest.approx(r["losses"][-1], rel=1e-4)
+    assert r["process_wall_s"] > r["train_s"] > 0 and r["peak_rss_gib"] > 0.1
+    assert set(payload["heldout"]) == {"base", "trainer"}
+    assert payload["heldout"]["trainer"]["heldout_tokens"] == payload["heldout"]["base"]["heldout_tokens"] > 0
+    assert "| trainer |" in result_md.read_text()
+
+
+def test_ratios_are_theirs_over_ours():
+    ours = {"rc": 0, "process_wall_s": 100.0, "train_s": 80.0, "real_tokens": 8000, "peak_rss_gib": 1.0}
+    theirs = {"rc": 0, "process_wall_s": 250.0, "train_s": 200.0, "real_tokens": 8000, "peak_rss_gib": 2.0}
+    rat = vs_trl.ratios({"trainer": ours, "trl-default": theirs})["trl-default"]
+    assert rat == {"whole_process_speedup": 2.5, "training_speedup": 2.5, "real_tokens_per_s_ratio": 2.5,
+                   "peak_rss_ratio": 0.5}
