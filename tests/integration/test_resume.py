@@ -106,6 +106,8 @@ def env(**extra) -> dict:
     e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                           "MASTER_PORT", "ACCELERATE_USE_CPU")}
     e.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    # Scripts run by path put their own folder first on sys.path: make this checkout's package importable
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return e
 
 
