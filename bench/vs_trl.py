@@ -147,7 +147,9 @@ def run_trainer(args, model: Path, train_json: Path, work: Path, tag: str) -> di
             "real_tokens": summary["tokens_seen"], "target_tokens": summary["target_tokens_seen"],
             "padding_frac": 1 - tokens / slots if slots else None, "losses": losses,
             "final_loss": summary["final_loss"], "adapter": str(out / "adapter"),
-            "mfu": summary.get("mfu"), "flops_per_token": summary.get("flops_per_token")}
+            "tflops": summary.get("tflops"), "mfu": summary.get("mfu"), "mfu_peak": summary.get("mfu_peak"),
+            "flops_per_token": summary.get("model_flops_per_token"),
+            "peak_gpu_gib": summary["peak_mem_gib"] if summary.get("device", "cpu").startswith("cuda") else None}
 
 
 def run_trl(args, model: Path, train_json: Path, work: Path, tag: str, packing: bool) -> dict:
@@ -227,7 +229,9 @@ def trl_worker(cfg_path: str) -> None:
         "losses": losses, "final_loss": losses[-1] if losses else None,
         "train_loss_mean": result.metrics.get("train_loss"), "in_process_s": round(time.perf_counter() - t_start, 3),
         "trl_packing_strategy": sft.packing_strategy if cfg["packing"] else None,
-        "padding_free": bool(getattr(trainer, "padding_free", False))}, indent=1))
+        "padding_free": bool(getattr(trainer, "padding_free", False)),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None},
+        indent=1))
 
 
 # ----------------------------------------------------------------------------------------------- held-out eval
@@ -323,9 +327,25 @@ def fmt(x, nd=1):
     return str(x)
 
 
+def add_model_flops(results: dict) -> None:
+    """Model TFLOP/s (and MFU) of every tool from trainer's FLOPs per token: same model, LoRA and samples, so the
+    same model FLOPs per real token (trainer/flops.py); only the seconds differ. MFU where trainer knew the peak."""
+    ours = results.get("trainer", {})
+    per_token = ours.get("flops_per_token")
+    if not per_token:
+        return
+    peak = ours["mfu"] / ours["tflops"] if ours.get("mfu") and ours.get("tflops") else None  # 1 / peak TFLOP/s
+    for r in results.values():
+        if r.get("rc") == 0 and r.get("train_s"):
+            r["tflops"] = per_token * r["real_tokens"] / r["train_s"] / 1e12
+            r["mfu"] = r["tflops"] * peak if peak else None
+
+
 def table(results: dict, evals: dict) -> str:
+    gpu = any(r.get("peak_gpu_gib") for r in results.values())
     head = ("| tool | whole process s | training s | model load s | data prep s | steps | real tok/s | padding | "
-            "peak RSS GiB | final train loss | held-out loss | load (1-min) |")
+            "peak RSS GiB | " + ("peak GPU GiB | " if gpu else "") + "model TFLOP/s | MFU | final train loss | "
+            "held-out loss | load (1-min) |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, r in results.items():
         if r.get("rc") != 0:
@@ -337,7 +357,9 @@ def table(results: dict, evals: dict) -> str:
             f"| {name} | {fmt(r['process_wall_s'])} | {fmt(r['train_s'])} | {fmt(r.get('model_load_s'))} | "
             f"{fmt(r.get('data_prepare_s'))} | {r['steps']} | {fmt(tps)} | "
             f"{fmt(100 * r['padding_frac'] if r.get('padding_frac') is not None else None)}% | "
-            f"{fmt(r['peak_rss_gib'], 2)} | {fmt(r.get('final_loss'), 4)} | "
+            f"{fmt(r['peak_rss_gib'], 2)} | " + (f"{fmt(r.get('peak_gpu_gib'), 2)} | " if gpu else "") +
+            f"{fmt(r.get('tflops'), 3)} | {fmt(100 * r['mfu'] if r.get('mfu') else None)}{'%' if r.get('mfu') else ''} | "
+            f"{fmt(r.get('final_loss'), 4)} | "
             f"{fmt(evals.get(name, {}).get('heldout_loss'), 4)} | {load} |")
     if "base" in evals:
         lines.append(f"\nBase model before training, same held-out rows: loss {evals['base']['heldout_loss']:.4f} "
@@ -440,6 +462,7 @@ def main(argv=None) -> int:
             adapters = {t: r["adapter"] for t, r in results.items() if r.get("rc") == 0}
             print(f"[{time.strftime('%H:%M:%S')}] held-out eval of {list(adapters)} ...", flush=True)
             evals = run_eval(args, model, held_out, work, adapters)
+        add_model_flops(results)
         rat = ratios(results)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out)

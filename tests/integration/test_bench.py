@@ -29,6 +29,8 @@ def test_trainer_run_is_counted_and_reported(tmp_path):
     assert 0.0 < r["padding_frac"] < 0.1
     assert len(r["losses"]) == r["steps"] and r["final_loss"] == pytest.approx(r["losses"][-1], rel=1e-4)
     assert r["process_wall_s"] > r["train_s"] > 0 and r["peak_rss_gib"] > 0.1
+    assert r["flops_per_token"] > 0 and r["tflops"] == pytest.approx(
+        r["flops_per_token"] * r["real_tokens"] / r["train_s"] / 1e12, rel=1e-6)
     assert set(payload["heldout"]) == {"base", "trainer"}
     assert payload["heldout"]["trainer"]["heldout_tokens"] == payload["heldout"]["base"]["heldout_tokens"] > 0
     assert "| trainer |" in result_md.read_text()
@@ -40,3 +42,12 @@ def test_ratios_are_theirs_over_ours():
     rat = vs_trl.ratios({"trainer": ours, "trl-default": theirs})["trl-default"]
     assert rat == {"whole_process_speedup": 2.5, "training_speedup": 2.5, "real_tokens_per_s_ratio": 2.5,
                    "peak_rss_ratio": 0.5}
+
+
+def test_model_flops_of_every_tool_use_trainers_flops_per_token_and_peak():
+    ours = {"rc": 0, "train_s": 10.0, "real_tokens": 1000, "flops_per_token": 6e9, "tflops": 0.5, "mfu": 0.25}
+    theirs = {"rc": 0, "train_s": 20.0, "real_tokens": 1000}
+    results = {"trainer": ours, "trl-packing": theirs}
+    vs_trl.add_model_flops(results)
+    assert ours["tflops"] == pytest.approx(0.6) and theirs["tflops"] == pytest.approx(0.3)
+    assert ours["mfu"] == pytest.approx(0.3) and theirs["mfu"] == pytest.approx(0.15)  # peak: 2 TFLOP/s
