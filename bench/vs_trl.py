@@ -334,11 +334,11 @@ def add_model_flops(results: dict) -> None:
     per_token = ours.get("flops_per_token")
     if not per_token:
         return
-    peak = ours["mfu"] / ours["tflops"] if ours.get("mfu") and ours.get("tflops") else None  # 1 / peak TFLOP/s
+    peak_tflops = ours["tflops"] / ours["mfu"] if ours.get("mfu") and ours.get("tflops") else None
     for r in results.values():
         if r.get("rc") == 0 and r.get("train_s"):
             r["tflops"] = per_token * r["real_tokens"] / r["train_s"] / 1e12
-            r["mfu"] = r["tflops"] * peak if peak else None
+            r["mfu"] = r["tflops"] / peak_tflops if peak_tflops else None
 
 
 def table(results: dict, evals: dict) -> str:

@@ -41,11 +41,12 @@ def epoch_order(n_rows: int, data_seed: int, epoch: int, lengths: np.ndarray | N
     order = rng.permutation(n_rows)
     if lengths is None:
         return order
+    lengths = np.asarray(lengths)
     window = GROUP_STEPS * rows_per_step
     out = []
     for start in range(0, n_rows, window):
         part = order[start:start + window]
-        part = part[np.argsort(-np.asarray(lengths)[part], kind="stable")]
+        part = part[np.argsort(-lengths[part], kind="stable")]
         steps = [part[i:i + rows_per_step] for i in range(0, len(part), rows_per_step)]
         out += [steps[i] for i in rng.permutation(len(steps))]
     return np.concatenate(out)

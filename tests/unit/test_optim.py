@@ -65,3 +65,16 @@ def test_length_grouping_cuts_padding_keeps_a_random_permutation():
     # Steps come in random order, not longest first: step means are not sorted within a window.
     means = [lengths[grouped[i:i + 8]].mean() for i in range(0, 400, 8)]
     assert means != sorted(means) and means != sorted(means, reverse=True)
+
+
+def test_plan_builds_each_epochs_order_once_and_a_new_one_per_epoch_and_seed():
+    import numpy as np
+
+    from trainer.loop import Plan
+    lengths = np.random.default_rng(1).integers(20, 256, size=100)
+    plan = Plan(rows=100, rows_per_step=8, steps_per_epoch=13, total_steps=26, lengths=lengths)
+    for seed, epoch in [(3, 0), (3, 0), (3, 1), (4, 1), (3, 0)]:
+        want = epoch_order(100, seed, epoch, lengths, 8)
+        got = plan.epoch_order(seed, epoch)
+        assert (got == want).all(), (seed, epoch)
+        assert plan.epoch_order(seed, epoch) is got  # cached: not rebuilt on the next step of the same epoch
