@@ -240,14 +240,14 @@ def eval_worker(cfg_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
     import torch
     from peft import PeftModel
-    from trainer.config import DataConfig
+    from trainer.config import DataArgs
     from trainer.data import prepare_data
-    from trainer.evaluate import dataset_loss
-    from trainer.model import load_tokenizer
+    from trainer.loss import dataset_loss
+    from trainer.tokenizer import run_tokenizer
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(cfg["model"])
-    data = prepare_data(DataConfig(path=cfg["data"], max_seq_len=cfg["max_len"], packing=False, val_fraction=0.0),
+    tok = run_tokenizer(cfg["model"])
+    data = prepare_data(DataArgs(path=cfg["data"], max_seq_len=cfg["max_len"], packing=False, val_fraction=0.0),
                         tok, cache_root=Path(cfg["cache"]), log=lambda m: None)
     out = {}
     for name, adapter in [("base", None), *cfg["adapters"].items()]:

@@ -8,13 +8,16 @@
 from __future__ import annotations
 
 import contextlib
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
+from trainer import generate
+from trainer.artifacts import adapter_dir, read_recipe, tokenizer_of
+from trainer.dtypes import torch_dtype
 from trainer.errors import UserError
+from trainer.model import default_device
+from trainer.run_dir import RunDir
+from trainer.tokenizer import run_tokenizer
 
 BASE = "base"
 
@@ -44,28 +47,30 @@ class ChatModels:
 
 
 def load_chat_models(run_dir: Path | None, extra_adapters: dict[str, Path], model_path: str | None = None):
+    """One base model (the run's, or `model_path`) with the run's adapter and `extra_adapters` loaded by name.
+    A full fine-tune run's own model is the base."""
     from peft import PeftModel
 
-    from trainer.merge import adapter_dir, run_recipe, run_tokenizer
-    from trainer.model import DTYPES, load_base, load_tokenizer
-    from trainer.config import ModelConfig
+    from trainer.config import ModelArgs
+    from trainer.model import load_base
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     adapters: dict[str, Path] = {}
     if run_dir is not None:
-        recipe = run_recipe(run_dir)
-        model_cfg, tokenizer = recipe.model, run_tokenizer(run_dir, recipe)
-        if recipe.lora is not None:
-            adapters["tuned"] = adapter_dir(run_dir)
+        run = RunDir(run_dir)
+        recipe = read_recipe(run)
+        model_args, tokenizer = recipe.model, tokenizer_of(run, recipe)
+        if recipe.lora is None:
+            model_args = replace(model_args, name_or_path=str(run.model))
+        else:
+            adapters["tuned"] = adapter_dir(run)
     elif model_path:
-        model_cfg, tokenizer = ModelConfig(name_or_path=model_path), load_tokenizer(model_path)
+        model_args = ModelArgs(name_or_path=model_path)
+        tokenizer = run_tokenizer(model_path)
     else:
         raise UserError("trainer chat needs RUN_DIR or --model PATH")
     adapters.update(extra_adapters)
-    base = load_base(model_cfg, dtype=DTYPES[model_cfg.dtype], quantize=False, device_map={"": device})
-    if run_dir is not None and recipe.lora is None:
-        from transformers import AutoModelForCausalLM
-        base = AutoModelForCausalLM.from_pretrained(str(Path(run_dir) / "model")).to(device)
+    base = load_base(model_args, dtype=torch_dtype(model_args.dtype), quantize=False,
+                     device_map={"": default_device()})
     if not adapters:
         return ChatModels(base.eval(), tokenizer)
     names = list(adapters)
@@ -77,30 +82,10 @@ def load_chat_models(run_dir: Path | None, extra_adapters: dict[str, Path], mode
     return chat
 
 
-def reply(chat: ChatModels, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-          top_p: float = 1.0, on_text=None) -> str:
-    """Generate the assistant's next message with the active adapter; `on_text(piece)` streams it."""
-    from transformers import TextIteratorStreamer
-
-    tok = chat.tokenizer
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def reply(chat: ChatModels, messages: list[dict], **gen) -> str:
+    """The assistant's next message from the active adapter (or the base); `gen` as `trainer.generate.reply`."""
     with chat.as_active() as model:
-        enc = tok(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
-            kwargs.update(do_sample=False)
-        if on_text is None:
-            out = model.generate(**enc, **kwargs)
-            return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        worker = threading.Thread(target=model.generate, kwargs={**enc, **kwargs, "streamer": streamer})
-        worker.start()
-        pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            on_text(piece)
-        worker.join()
-    return "".join(pieces).strip()
+        return generate.reply(model, chat.tokenizer, messages, **gen)
 
 
 def compare(chat: ChatModels, prompt: str, names: list[str], **gen) -> dict[str, str]:

@@ -28,14 +28,16 @@ import numpy as np
 import torch
 
 from trainer.config import Recipe, dump_yaml, recipe_hash
+from trainer.distributed import is_deepspeed
 from trainer.errors import UserError
+from trainer.run_dir import RunDir
 from trainer.state import TrainState
 
 PREFIX = "step-"
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -95,7 +97,7 @@ def trainable_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     `deepspeed.utils.safe_get_full_fp32_param`, a collective over the data-parallel group. Without DeepSpeed the
     module's own (fp32) weights are the masters.
     """
-    deepspeed = _is_deepspeed(accelerator)
+    deepspeed = is_deepspeed(accelerator)
     if deepspeed:
         from deepspeed.utils import safe_get_full_fp32_param
     out = {}
@@ -109,13 +111,9 @@ def trainable_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
 
 
 def _save_kwargs(accelerator) -> dict:
-    if _is_deepspeed(accelerator):
+    if is_deepspeed(accelerator):
         return {"exclude_frozen_parameters": True}  # LoRA: never copy the frozen base into a checkpoint
     return {}
-
-
-def _is_deepspeed(accelerator) -> bool:
-    return str(accelerator.distributed_type).endswith("DEEPSPEED")
 
 
 def install_trainable_only_hook(accelerator) -> None:
@@ -260,7 +258,7 @@ def load(accelerator, ckpt: Path) -> TrainState:
     DDP checkpoints hold the whole optimizer state (rank 0 writes it, ranks are replicas) and weights under
     unwrapped names, so they load on any number of processes; the data cursor is global (state.py)."""
     saved = read_state(ckpt)  # DeepSpeed <-> not, and ZeRO world-size changes: refused by train._setup_resume
-    kwargs = {"load_module_strict": False} if _is_deepspeed(accelerator) else {"strict": False}
+    kwargs = {"load_module_strict": False} if is_deepspeed(accelerator) else {"strict": False}
     accelerator.load_state(str(ckpt / "accelerate"), **kwargs)
     rng_file = ckpt / "rng" / f"rank-{accelerator.process_index}.json"
     if rng_file.exists():
@@ -305,6 +303,7 @@ def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
 def check_compatible(ckpt: Path, recipe: Recipe) -> list[str]:
     """Raise UserError if the recipe changed in a way the checkpoint cannot follow; return harmless changes."""
     import yaml
+
     from trainer.config import to_dict
 
     old = yaml.safe_load((ckpt / "config.yaml").read_text())

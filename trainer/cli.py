@@ -109,12 +109,13 @@ def cmd_export(args) -> int:
 
     from trainer.export import export_gguf
     from trainer.merge import merge_run
+    from trainer.run_dir import RunDir
 
-    run_dir = Path(args.run_dir)
-    merged = run_dir / "model" if (run_dir / "model" / "config.json").is_file() else run_dir / "merged"
+    run = RunDir(args.run_dir)
+    merged = run.model if (run.model / "config.json").is_file() else run.merged
     if not (merged / "config.json").is_file():
-        merge_run(run_dir)
-    out = Path(args.out) if args.out else run_dir / "export" / f"model-{args.gguf}.gguf"
+        merge_run(run.root)
+    out = Path(args.out) if args.out else run.export / f"model-{args.gguf}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     facts = export_gguf(merged, out, args.gguf)
     print(f"export: {facts['path']} ({facts['bytes'] / 2**20:.1f} MiB, {facts['tensor_count']} tensors, {args.gguf})")

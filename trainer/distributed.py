@@ -129,8 +129,8 @@ def _num_nodes() -> int | None:
 def _accelerate_finds_device() -> bool:
     """Whether `PartialState._prepare_backend` (accelerate/state.py) finds a device backend for a launched
     process: the same probes, in the same spirit (XLA, MLU, SDAA, MUSA, NPU, HPU, CUDA, XPU+XCCL, Neuron)."""
-    import torch
     import accelerate.utils as au
+    import torch
 
     def probe(name: str, *args) -> bool:
         fn = getattr(au, name, None)  # some probes do not exist in older accelerate versions
@@ -251,10 +251,11 @@ def build_accelerator(*, grad_accum: int, mixed_precision: str, micro_batch_size
     )
     expected = _env_world_size()
     if accelerator.num_processes != expected:
-        raise RuntimeError(
+        raise UserError(
             f"accelerate sees {accelerator.num_processes} process(es) ({accelerator.distributed_type.value}, "
             f"backend {accelerator.state.backend}) but the launcher started WORLD_SIZE={expected}; "
-            "every rank would act as the main process. See trainer/distributed.py's module docstring.")
+            "every rank would act as the main process; launch with one of accelerate_configs/*.yaml "
+            "(cpu_gloo_ddp.yaml / cpu_gloo_zero2.yaml on a machine without a GPU)")
     return accelerator
 
 

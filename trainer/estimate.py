@@ -94,9 +94,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from trainer.errors import UserError
 
@@ -239,7 +240,7 @@ def resolve_lora_targets(target_modules) -> tuple[str, ...]:
 def parameter_table(model_config, lora=None, *, quantization: str | None = None) -> list[ParamInfo]:
     """Every parameter in `model.named_parameters()` order (tied lm_head omitted, as torch does).
 
-    With `lora` (a `trainer.config.LoraConfig` or anything with `r` and `target_modules`) the names are peft's
+    With `lora` (a `trainer.config.LoraArgs` or anything with `r` and `target_modules`) the names are peft's
     (`...q_proj.base_layer.weight`, `...q_proj.lora_A.default.weight`, ...) minus the `base_model.model.` prefix,
     and only LoRA tensors are trainable; without it everything is trainable (full fine-tune).
     """
@@ -795,7 +796,7 @@ def _suggestions(recipe, model_config, est: Estimate, kwargs: dict) -> list[str]
             if e.fits:
                 return out
     elif cur.lora is None:
-        from trainer.config import LoraConfig as _Lora
+        from trainer.config import LoraArgs as _Lora
         e = run(_with(cur, lora=_Lora(), model={"quantization": "nf4"}), kw)
         if helps(e):
             out.append(f"alternative to a full fine-tune: QLoRA (lora: {{r: 16, target_modules: all-linear}}, "

@@ -1,39 +1,21 @@
-"""Evaluation: loss and perplexity over a split, gathered across ranks."""
+"""`trainer eval RUN_DIR`: base vs tuned on the run's test split: perplexity, exact match (one normaliser),
+sample generations, LoRA weight deltas; `eval/report.{json,md}` and plots."""
 from __future__ import annotations
 
-import math
+import contextlib
+import csv
+import json
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from trainer.data import collate
-from trainer.model import token_loss_sum
-
-
-@torch.no_grad()
-def dataset_loss(model, rows, *, batch_size: int, pad_id: int, device, rank: int = 0, world: int = 1,
-                 reduce=None, max_batches: int | None = None) -> dict:
-    """Mean next-token loss over every target token of `rows` (rank r takes rows r, r+world, ...).
-
-    `reduce(tensor)` sums across ranks (accelerator.reduce); perplexity is exp(mean token loss).
-    """
-    was_training = model.training
-    model.eval()
-    mine = list(range(rank, len(rows), world))
-    if max_batches is not None:
-        mine = mine[: max_batches * batch_size]
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(0, len(mine), batch_size):
-        batch = collate(rows.select(mine[start:start + batch_size]), pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss_sum, n = token_loss_sum(model, batch)
-        totals += torch.stack([loss_sum.double(), n.double()])
-    if reduce is not None:
-        totals = reduce(totals)
-    model.train(was_training)
-    loss_sum, n = totals.tolist()
-    loss = loss_sum / n if n else float("nan")
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)) if n else float("nan"), "tokens": int(n)}
+from trainer.artifacts import adapter_dir, read_recipe, tokenizer_of
+from trainer.dtypes import torch_dtype
+from trainer.errors import UserError
+from trainer.generate import generate
+from trainer.loss import dataset_loss
+from trainer.plots import plot_metrics, plot_weight_deltas
+from trainer.run_dir import RunDir
+from trainer.tracking import read_metrics
 
 
 # ----------------------------------------------------------------------------------------------- run report
@@ -43,7 +25,6 @@ def split_for_eval(data):
         return "test", data.test
     if data.val is not None:
         return "val", data.val
-    from trainer.errors import UserError
     raise UserError("the run has neither a test nor a val split (data.test_fraction and data.val_fraction are 0)")
 
 
@@ -64,35 +45,23 @@ def conversations(recipe, sample_ids: list[int]) -> list[dict]:
     return out
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0) -> list[str]:
-    """Batched generation with left padding; returns the decoded replies."""
-    device = next(model.parameters()).device
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    replies = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            torch.manual_seed(seed + start)
-            kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
-            replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = old_side
-    return [r.strip() for r in replies]
+_TRAILING_PUNCTUATION = ".!?,;:"
 
 
-def normalize(text: str) -> str:
-    return " ".join(text.strip().split()).rstrip(".").strip()
+def normalize_answer(text: str) -> str:
+    """The one exact-match normaliser: whitespace runs collapsed to one space, surrounding whitespace and trailing
+    punctuation (.!?,;:) removed; case and everything else kept (`2024-03-05.` == ` 2024-03-05`)."""
+    return " ".join(text.split()).rstrip(_TRAILING_PUNCTUATION).rstrip()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Whether a reply equals the reference after `normalize_answer` on both."""
+    return normalize_answer(prediction) == normalize_answer(reference)
 
 
 def exact_match_rate(predictions: list[str], references: list[str]) -> float:
-    hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
+    """Share of replies that `exact_match` their reference (0.0 for no references)."""
+    hits = sum(exact_match(p, r) for p, r in zip(predictions, references))
     return hits / max(len(references), 1)
 
 
@@ -168,110 +137,57 @@ def lora_weight_deltas(peft_model) -> list[dict]:
     return rows
 
 
-def write_weight_deltas(rows: list[dict], csv_path: Path, png_path: Path) -> None:
-    import csv
+def _models_to_compare(run: RunDir, recipe, merged: bool, device: str):
+    """({"base": ctx, "tuned": ctx}, LoRA weight-delta rows): each value a callable returning a context manager
+    that yields the model, so one loaded PEFT model serves as base (adapter disabled) and tuned."""
+    from trainer.model import load_base, load_tuned
 
+    dtype = torch_dtype(recipe.model.dtype)
+    tuned_folder = run.model if recipe.lora is None else (run.merged if merged and run.merged.is_dir() else None)
+    if tuned_folder is not None:
+        base = load_base(recipe.model, dtype=dtype, quantize=False, device_map={"": device}).eval()
+        tuned = load_base(replace(recipe.model, name_or_path=str(tuned_folder)), dtype=dtype, quantize=False,
+                          device_map={"": device}).eval()
+        return {"base": lambda: contextlib.nullcontext(base), "tuned": lambda: contextlib.nullcontext(tuned)}, []
+    peft_model = load_tuned(recipe, adapter_dir(run), device_map={"": device})
+
+    @contextlib.contextmanager
+    def base_ctx():
+        with peft_model.disable_adapter():
+            yield peft_model
+
+    return {"base": base_ctx, "tuned": lambda: contextlib.nullcontext(peft_model)}, lora_weight_deltas(peft_model)
+
+
+def write_weight_deltas_csv(rows: list[dict], csv_path: Path) -> None:
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["module", "layer", "type", "delta_norm", "weight_norm", "relative"])
         w.writeheader()
         w.writerows(rows)
-    plt = _pyplot()
-    types = sorted({r["type"] for r in rows})
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for t in types:
-        pts = sorted((r["layer"], r["relative"]) for r in rows if r["type"] == t)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=t)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("||alpha/r · B·A|| / ||W||")
-    ax.set_title("Where fine-tuning acted: relative LoRA update by layer and module")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-
-
-def write_metric_plots(metrics_csv: Path, plots_dir: Path) -> list[Path]:
-    from trainer.tracking import read_metrics
-
-    rows = read_metrics(metrics_csv)
-    plt = _pyplot()
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    train = [(int(r["step"]), float(r["loss"]), float(r["lr"])) for r in rows if r.get("loss")]
-    evals = [(int(r["step"]), float(r["eval_loss"])) for r in rows if r.get("eval_loss")]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot([s for s, _, _ in train], [l for _, l, _ in train], label="train loss", alpha=0.8)
-    if evals:
-        ax.plot([s for s, _ in evals], [l for _, l in evals], marker="o", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean over target tokens)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(plots_dir / "loss.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot([s for s, _, _ in train], [lr for _, _, lr in train])
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    fig.tight_layout()
-    fig.savefig(plots_dir / "lr.png", dpi=110)
-    plt.close(fig)
-    return [plots_dir / "loss.png", plots_dir / "lr.png"]
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def eval_run(run_dir: Path, *, exact_match: bool = False, merged: bool = False, log=print) -> dict:
     """`trainer eval RUN_DIR`: base vs tuned on the run's test split (val when none); report files and plots."""
-    import contextlib
-    import json
-
     from trainer.data import prepare_data
-    from trainer.merge import adapter_dir, load_tuned, run_recipe, run_tokenizer
-    from trainer.model import DTYPES, load_base
+    from trainer.model import default_device
 
-    run_dir = Path(run_dir)
-    recipe = run_recipe(run_dir)
-    tokenizer = run_tokenizer(run_dir, recipe)
+    run = RunDir(run_dir)
+    recipe = read_recipe(run)
+    tokenizer = tokenizer_of(run, recipe)
     data = prepare_data(recipe.data, tokenizer, log=lambda m: None)
     split, rows = split_for_eval(data)
     convs = conversations(recipe, [s for r in rows["sample_ids"] for s in r])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    deltas = []
-    if recipe.lora is None:
-        base = load_base(recipe.model, dtype=DTYPES[recipe.model.dtype], quantize=False, device_map={"": device})
-        from transformers import AutoModelForCausalLM
-        tuned = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"), dtype=DTYPES[recipe.model.dtype]).to(device)
-        models = {"base": lambda: contextlib.nullcontext(base.eval()), "tuned": lambda: contextlib.nullcontext(tuned.eval())}
-    elif merged and (run_dir / "merged").is_dir():
-        from transformers import AutoModelForCausalLM
-        base = load_base(recipe.model, dtype=DTYPES[recipe.model.dtype], quantize=False, device_map={"": device})
-        tuned = AutoModelForCausalLM.from_pretrained(str(run_dir / "merged"), dtype=DTYPES[recipe.model.dtype]).to(device)
-        models = {"base": lambda: contextlib.nullcontext(base.eval()), "tuned": lambda: contextlib.nullcontext(tuned.eval())}
-    else:
-        peft_model = load_tuned(recipe, adapter_dir(run_dir), device_map={"": device})
-        deltas = lora_weight_deltas(peft_model)
-
-        @contextlib.contextmanager
-        def base_ctx():
-            with peft_model.disable_adapter():
-                yield peft_model
-        models = {"base": base_ctx, "tuned": lambda: contextlib.nullcontext(peft_model)}
+    models, deltas = _models_to_compare(run, recipe, merged, default_device())
     report = {"split": split, **evaluate_models(models, tokenizer, rows, convs, recipe, exact_match=exact_match,
                                                 num_samples=recipe.generation.num_samples, log=log)}
-    out = run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(report_markdown(report))
-    if (run_dir / "metrics.csv").exists():
-        write_metric_plots(run_dir / "metrics.csv", run_dir / "plots")
+    run.eval.mkdir(parents=True, exist_ok=True)
+    run.eval_report.write_text(json.dumps(report, indent=1))
+    (run.eval / "report.md").write_text(report_markdown(report))
+    if run.metrics.exists():
+        plot_metrics(read_metrics(run.metrics), run.plots)
     if deltas:
-        write_weight_deltas(deltas, out / "weight_deltas.csv", run_dir / "plots" / "weight_deltas.png")
-    log(f"eval: wrote {out / 'report.json'}, {out / 'report.md'} and plots in {run_dir / 'plots'}")
+        write_weight_deltas_csv(deltas, run.eval / "weight_deltas.csv")
+        plot_weight_deltas(deltas, run.plots / "weight_deltas.png")
+    log(f"eval: wrote {run.eval_report}, {run.eval / 'report.md'} and plots in {run.plots}")
     return report

@@ -5,7 +5,6 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,10 +12,10 @@ import torch
 from trainer import checkpoint
 from trainer.config import Recipe
 from trainer.data import IGNORE, collate, count_targets
-from trainer.evaluate import dataset_loss
 from trainer.flops import FlopsMeter
-from trainer.model import token_loss_sum
+from trainer.loss import dataset_loss, token_loss_sum
 from trainer.optim import lr_at, set_lr
+from trainer.run_dir import RunDir
 from trainer.state import TrainState, epoch_order, step_rows
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; a requeued job resumes from the checkpoint just written
@@ -46,7 +45,7 @@ class Plan:
 
 def make_plan(n_rows: int, recipe: Recipe, world: int, lengths=None) -> Plan:
     t = recipe.train
-    per_step = t.micro_batch_size * t.grad_accum * world
+    per_step = t.global_batch(world)
     steps_per_epoch = max(1, math.ceil(n_rows / per_step))
     total = t.max_steps if t.max_steps is not None else steps_per_epoch * t.epochs
     grouped = lengths is not None and recipe.data.group_by_length and not recipe.data.packing
@@ -124,74 +123,44 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(recipe: Recipe, accelerator, model, optimizer, rows, val_rows, state: TrainState, plan: Plan,
-          tracker, run_dir: Path, pad_id: int) -> dict:
-    """Run optimizer steps until plan.total_steps; returns the final metrics. Every rank runs this."""
+def train(recipe: Recipe, accelerator, model, optimizer, data, state: TrainState, plan: Plan, tracker, run: RunDir,
+          pad_id: int) -> dict:
+    """Run optimizer steps until plan.total_steps over `data.train` (validating on `data.val`); returns the final
+    metrics. Every rank runs this."""
     t = recipe.train
     world, rank = accelerator.num_processes, accelerator.process_index
     stop = StopRequest().install()
     model.train()
     meter = FlopsMeter(model, recipe.model.dtype, accelerator.device, world)  # model TFLOP/s; MFU on known GPUs
     last = {"loss": float("nan")}
-    window = {"tokens": 0, "targets": 0, "slots": 0, "time": 0.0}
-    session_start = time.perf_counter()
-    wall_at_start = state.wall_time
+    window = Window()
+    session_start, wall_at_start = time.perf_counter(), state.wall_time
     try:
         while state.step < plan.total_steps:
             t0 = time.perf_counter()
             set_lr(optimizer, lr_at(state.step, t, plan.total_steps))
-            batches, sample_ids = micro_batches(rows, state, plan, recipe, world, rank, pad_id)
+            batches, sample_ids = micro_batches(data.train, state, plan, recipe, world, rank, pad_id)
             out = train_step(accelerator, model, optimizer, batches, t.max_grad_norm, recipe.model.chunked_loss)
-            counts = accelerator.reduce(torch.tensor(
-                [sum(int(b["n_rows"]) for b in batches), sum(int(b["n_tokens"]) for b in batches),
-                 sum(b["input_ids"].numel() for b in batches), len(sample_ids),
-                 float(stop.signum is not None), meter.batches_len_sq(batches)],
-                dtype=torch.float64, device=accelerator.device), "sum").tolist()
-            _, tokens, slots, samples, stop_votes, len_sq = counts
-            if out["finite"]:
-                state.bad_steps_in_row = 0
-            else:
-                state.bad_steps_in_row += 1
-                state.skipped_steps += 1
-                if world > 1:  # every rank is here (the flag comes from reduced values): name all ranks' samples
-                    from accelerate.utils import gather_object
-                    sample_ids = gather_object(list(sample_ids))
-                tracker.print(f"step {state.step + 1}: non-finite loss/grad norm ({out['loss']}, {out['grad_norm']}); "
-                              f"step skipped; samples {sorted(sample_ids)[:20]}")
-                if state.bad_steps_in_row >= t.max_bad_steps:
-                    raise NonFiniteLoss(f"{state.bad_steps_in_row} non-finite steps in a row at step {state.step + 1}; "
-                                        "stopping. The last good checkpoint is kept; lower train.lr or check the data.")
-            advance(state, plan, samples=int(samples), tokens=int(tokens), targets=int(out["targets"]))
+            counts = step_counts(accelerator, batches, sample_ids, stop_requested=stop.signum is not None,
+                                 len_sq=meter.batches_len_sq(batches))
+            _check_finite(out, state, sample_ids, world, tracker, t.max_bad_steps)
+            advance(state, plan, samples=int(counts["samples"]), tokens=int(counts["tokens"]),
+                    targets=int(out["targets"]))
             dt = time.perf_counter() - t0
-            window["tokens"] += tokens
-            window["targets"] += out["targets"]
-            window["slots"] += slots
-            window["time"] += dt
-            window["len_sq"] = window.get("len_sq", 0.0) + len_sq
-            meter.add(tokens, len_sq, dt)
+            window.add(counts, out["targets"], dt)
+            meter.add(counts["tokens"], counts["len_sq"], dt)
             state.wall_time = wall_at_start + time.perf_counter() - session_start
             last = {"loss": out["loss"], "grad_norm": out["grad_norm"]}
             tracker.advance(state.step)
-            if state.step % t.log_every == 0 or state.step == plan.total_steps:
-                tracker.log(state.step, {
-                    "epoch": state.epoch, "loss": out["loss"], "lr": lr_at(state.step - 1, t, plan.total_steps),
-                    "grad_norm": out["grad_norm"], "tokens_per_s": window["tokens"] / window["time"],
-                    "target_tokens_per_s": window["targets"] / window["time"],
-                    "padding_frac": 1 - window["tokens"] / max(window["slots"], 1),
-                    "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
-                    "mem_gib": peak_memory_gib(), "elapsed_s": state.wall_time,
-                    "skipped": state.skipped_steps,
-                    **meter.metrics(window["tokens"], window.get("len_sq", 0.0), window["time"])})
-                window = {"tokens": 0, "targets": 0, "slots": 0, "time": 0.0}
-            if val_rows is not None and (state.step % t.eval_every == 0 or state.step == plan.total_steps):
-                ev = dataset_loss(model, val_rows, batch_size=t.eval_batch_size, pad_id=pad_id,
-                                  device=accelerator.device, rank=rank, world=world, reduce=_sum(accelerator),
-                                  max_batches=t.max_eval_batches)
-                last.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
-                tracker.log(state.step, {"epoch": state.epoch, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
-            preempted = stop_votes > 0
-            if state.step % t.save_every == 0 or state.step == plan.total_steps or preempted:
-                checkpoint.save(accelerator, model, run_dir, state, recipe, log=tracker.print)
+            is_last = state.step == plan.total_steps
+            if state.step % t.log_every == 0 or is_last:
+                tracker.log(state.step, _train_metrics(state, out, window, meter, t, plan))
+                window = Window()
+            if data.val is not None and (state.step % t.eval_every == 0 or is_last):
+                last.update(_validate(model, data.val, t, accelerator, pad_id, state, tracker))
+            preempted = counts["stop_votes"] > 0
+            if state.step % t.save_every == 0 or is_last or preempted:
+                checkpoint.save(accelerator, model, run.root, state, recipe, log=tracker.print)
             if preempted:
                 tracker.print(f"preempted (signal {stop.signum}): checkpoint saved at step {state.step}; "
                               f"exiting with code {PREEMPTED_EXIT}; rerun the same command to resume")
@@ -200,6 +169,73 @@ def train(recipe: Recipe, accelerator, model, optimizer, rows, val_rows, state: 
     finally:
         stop.restore()
     return {**last, "flops": meter.summary()}
+
+
+COUNTS = ("rows", "tokens", "slots", "samples", "stop_votes", "len_sq")
+"""What `step_counts` sums over the ranks each step: rows, real tokens, token slots (padding included), samples,
+ranks that received a stop signal, and sum of squared sample lengths (attention FLOPs)."""
+
+
+def step_counts(accelerator, batches: list[dict], sample_ids: list[int], *, stop_requested: bool,
+                len_sq: float) -> dict[str, float]:
+    """This step's counts (`COUNTS`), summed over all ranks in one all-reduce."""
+    local = [sum(int(b["n_rows"]) for b in batches), sum(int(b["n_tokens"]) for b in batches),
+             sum(b["input_ids"].numel() for b in batches), len(sample_ids), float(stop_requested), len_sq]
+    total = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    return dict(zip(COUNTS, total))
+
+
+@dataclass
+class Window:
+    """Counts since the last logged step, for the rates in that log row."""
+    tokens: float = 0.0
+    targets: float = 0.0
+    slots: float = 0.0
+    len_sq: float = 0.0
+    time: float = 0.0
+
+    def add(self, counts: dict, targets: float, seconds: float) -> None:
+        self.tokens += counts["tokens"]
+        self.slots += counts["slots"]
+        self.len_sq += counts["len_sq"]
+        self.targets += targets
+        self.time += seconds
+
+
+def _train_metrics(state: TrainState, out: dict, window: Window, meter: FlopsMeter, t, plan: Plan) -> dict:
+    return {"epoch": state.epoch, "loss": out["loss"], "lr": lr_at(state.step - 1, t, plan.total_steps),
+            "grad_norm": out["grad_norm"], "tokens_per_s": window.tokens / window.time,
+            "target_tokens_per_s": window.targets / window.time,
+            "padding_frac": 1 - window.tokens / max(window.slots, 1),
+            "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
+            "mem_gib": peak_memory_gib(), "elapsed_s": state.wall_time, "skipped": state.skipped_steps,
+            **meter.metrics(window.tokens, window.len_sq, window.time)}
+
+
+def _validate(model, val_rows, t, accelerator, pad_id: int, state: TrainState, tracker) -> dict:
+    ev = dataset_loss(model, val_rows, batch_size=t.eval_batch_size, pad_id=pad_id, device=accelerator.device,
+                      rank=accelerator.process_index, world=accelerator.num_processes,
+                      reduce=lambda x: accelerator.reduce(x, reduction="sum"), max_batches=t.max_eval_batches)
+    tracker.log(state.step, {"epoch": state.epoch, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
+    return {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}
+
+
+def _check_finite(out: dict, state: TrainState, sample_ids: list[int], world: int, tracker, max_bad_steps: int):
+    """Count a non-finite step (it was skipped) and stop after max_bad_steps in a row. Every rank agrees: the flag
+    comes from all-reduced values."""
+    if out["finite"]:
+        state.bad_steps_in_row = 0
+        return
+    state.bad_steps_in_row += 1
+    state.skipped_steps += 1
+    if world > 1:  # every rank is here: name all ranks' samples
+        from accelerate.utils import gather_object
+        sample_ids = gather_object(list(sample_ids))
+    tracker.print(f"step {state.step + 1}: non-finite loss/grad norm ({out['loss']}, {out['grad_norm']}); "
+                  f"step skipped; samples {sorted(sample_ids)[:20]}")
+    if state.bad_steps_in_row >= max_bad_steps:
+        raise NonFiniteLoss(f"{state.bad_steps_in_row} non-finite steps in a row at step {state.step + 1}; "
+                            "stopping. The last good checkpoint is kept; lower train.lr or check the data.")
 
 
 def advance(state: TrainState, plan: Plan, *, samples: int, tokens: int, targets: int) -> None:
@@ -211,10 +247,6 @@ def advance(state: TrainState, plan: Plan, *, samples: int, tokens: int, targets
     if state.cursor >= plan.rows:
         state.epoch += 1
         state.cursor = 0
-
-
-def _sum(accelerator):
-    return lambda t: accelerator.reduce(t, reduction="sum")
 
 
 def peak_memory_gib() -> float:

@@ -12,48 +12,19 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import Recipe, load_recipe
+from trainer.artifacts import adapter_dir, read_recipe, tokenizer_of
 from trainer.errors import UserError
-from trainer.model import DTYPES, load_base, load_tokenizer
+from trainer.generate import render_prompt, stop_token_ids
+from trainer.model import default_device, load_tuned
+from trainer.run_dir import RunDir
+from trainer.tokenizer import save_tokenizer
 
 CHECK_PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?",
                  "Write a haiku about the sea."]
 
 
-def run_recipe(run_dir: Path) -> Recipe:
-    cfg = Path(run_dir) / "config.yaml"
-    if not cfg.is_file():
-        raise UserError(f"{run_dir}: not a run folder (no config.yaml); pass the output_dir of a `trainer train` run")
-    return load_recipe(cfg)
-
-
-def adapter_dir(run_dir: Path) -> Path:
-    """The final adapter, else the newest checkpoint's consolidated adapter (a run that was stopped)."""
-    from trainer.checkpoint import find_resumable
-
-    final = Path(run_dir) / "adapter"
-    if (final / "adapter_config.json").is_file():
-        return final
-    ckpt = find_resumable(Path(run_dir), log=lambda m: None)
-    if ckpt is not None and (ckpt / "adapter" / "adapter_config.json").is_file():
-        return ckpt / "adapter"
-    raise UserError(f"{run_dir}: no adapter/ and no checkpoint with an adapter; was it a LoRA run that saved?")
-
-
-def run_tokenizer(run_dir: Path, recipe: Recipe):
-    """The tokenizer and chat template exactly as used in training (saved beside the adapter)."""
-    for folder in (Path(run_dir) / "adapter", Path(run_dir) / "model"):
-        if (folder / "tokenizer_config.json").is_file():
-            return load_tokenizer(str(folder))
-    from trainer.data import ensure_chat_template
-    tok = load_tokenizer(recipe.model.name_or_path)
-    ensure_chat_template(tok)
-    return tok
-
-
 def check_inputs(tokenizer, device) -> dict:
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in CHECK_PROMPTS]
+    texts = [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in CHECK_PROMPTS]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     width = max(map(len, ids))
     # Left-pad with a real token and mask it: compare only positions every model sees identically.
@@ -68,22 +39,16 @@ def logits_of(model, inputs: dict) -> torch.Tensor:
     return out[inputs["attention_mask"].bool()]
 
 
-def load_tuned(recipe: Recipe, adapter: Path, *, quantized: bool = False, device_map=None):
-    """Base (unquantized in the compute dtype unless `quantized`) + adapter, eval mode."""
-    from peft import PeftModel
-
-    base = load_base(recipe.model, dtype=DTYPES[recipe.model.dtype], quantize=quantized, device_map=device_map)
-    return PeftModel.from_pretrained(base, str(adapter)).eval()
-
-
 def merge_run(run_dir: Path, log=print) -> dict:
-    run_dir = Path(run_dir)
-    recipe = run_recipe(run_dir)
+    """`trainer merge RUN_DIR`: base + adapter merged -> RUN_DIR/merged/ (weights, tokenizer, generation config
+    with the stop tokens, merge_report.json with the logits checks). Returns the report."""
+    run = RunDir(run_dir)
+    recipe = read_recipe(run)
     if recipe.lora is None:
-        raise UserError(f"{run_dir}: a full fine-tune has nothing to merge; its model is in {run_dir / 'model'}")
-    adapter = adapter_dir(run_dir)
-    tokenizer = run_tokenizer(run_dir, recipe)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+        raise UserError(f"{run.root}: a full fine-tune has nothing to merge; its model is in {run.model}")
+    adapter = adapter_dir(run)
+    tokenizer = tokenizer_of(run, recipe)
+    device = default_device()
     tuned = load_tuned(recipe, adapter, device_map={"": device})
     inputs = check_inputs(tokenizer, device)
     with_adapter = logits_of(tuned, inputs)
@@ -100,13 +65,14 @@ def merge_run(run_dir: Path, log=print) -> dict:
         log(f"merge: max |logits(merged) - logits(4-bit base + adapter)| = {float(diff.max()):.3g} "
             "(the NF4 quantization error: the adapter was trained against the 4-bit weights)")
         del q
-    out = run_dir / "merged"
+    out = run.merged
     merged.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    if tokenizer.eos_token_id is not None:
-        merged.generation_config.eos_token_id = tokenizer.eos_token_id
+    save_tokenizer(tokenizer, out)
+    stops = stop_token_ids(tokenizer)
+    if stops:
+        merged.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.generation_config.save_pretrained(str(out))
-    (out / "merge_report.json").write_text(json.dumps(report, indent=1))
+    run.merge_report.write_text(json.dumps(report, indent=1))
     log(f"merge: wrote {out}")
     return report

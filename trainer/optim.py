@@ -5,16 +5,16 @@ import math
 
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config import TrainArgs
 
 
-def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+def warmup_steps(cfg: TrainArgs, total_steps: int) -> int:
     if cfg.warmup_steps is not None:
         return cfg.warmup_steps
     return math.ceil(cfg.warmup_ratio * total_steps)
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+def lr_at(step: int, cfg: TrainArgs, total_steps: int) -> float:
     """LR for optimizer step `step` (0-based): linear warmup to cfg.lr, then cosine/linear/constant decay."""
     warm = warmup_steps(cfg, total_steps)
     if step < warm:
@@ -40,7 +40,7 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model, cfg: TrainConfig):
+def build_optimizer(model, cfg: TrainArgs):
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas))
     if cfg.optimizer == "adamw":

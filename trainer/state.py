@@ -24,7 +24,7 @@ class TrainState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainState":
+    def from_dict(cls, d: dict) -> TrainState:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -6,6 +6,8 @@ import csv
 import math
 from pathlib import Path
 
+from trainer.run_dir import RunDir
+
 CSV_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "target_tokens_per_s", "padding_frac",
               "samples_seen", "tokens_seen", "mem_gib", "elapsed_s", "eval_loss", "eval_ppl", "skipped",
               "tflops", "mfu"]  # model TFLOP/s per device; MFU only where the device's peak is known
@@ -16,17 +18,17 @@ TB_NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_nor
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, show_progress: bool = True):
+    def __init__(self, run: RunDir, total_steps: int, start_step: int, show_progress: bool = True):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.csv_path = run_dir / "metrics.csv"
+        self.csv_path = run.metrics
         keep_rows_up_to(self.csv_path, start_step)  # a resumed run rewrites what came after its checkpoint
         new = not self.csv_path.exists()
         self._csv_file = self.csv_path.open("a", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
         if new:
             self._csv.writeheader()
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+        self.tb = SummaryWriter(str(run.tensorboard), purge_step=start_step or None)
         self.progress = None
         if show_progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -81,8 +83,9 @@ class NullTracker:
         pass
 
 
-def make_tracker(is_main: bool, run_dir: Path, total_steps: int, start_step: int, show_progress: bool = True):
-    return Tracker(run_dir, total_steps, start_step, show_progress) if is_main else NullTracker()
+def make_tracker(is_main: bool, run: RunDir, total_steps: int, start_step: int, show_progress: bool = True):
+    """The Tracker on rank 0, a no-op elsewhere."""
+    return Tracker(run, total_steps, start_step, show_progress) if is_main else NullTracker()
 
 
 def keep_rows_up_to(path: Path, step: int) -> None:

@@ -6,7 +6,6 @@ config -> accelerator -> run folder / resume decision -> tokenizer -> data -> mo
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -16,14 +15,15 @@ from trainer import checkpoint
 from trainer.config import Recipe, dump_yaml
 from trainer.data import describe, prepare_data
 from trainer.distributed import build_accelerator, main_first, world_info
+from trainer.dtypes import MIXED_PRECISION
 from trainer.errors import UserError
 from trainer.loop import PREEMPTED_EXIT, NonFiniteLoss, make_plan, peak_memory_gib, train
-from trainer.model import build_model, load_tokenizer
+from trainer.model import build_model
 from trainer.optim import build_optimizer
+from trainer.run_dir import RunDir, move_aside
 from trainer.state import TrainState
+from trainer.tokenizer import run_tokenizer, save_tokenizer
 from trainer.tracking import make_tracker
-
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_progress: bool = True) -> dict:
@@ -31,79 +31,93 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
     started = time.perf_counter()
     accelerator = _setup_accelerator(recipe)
     log = _logger(accelerator)
-    run_dir = Path(recipe.output_dir)
-    ckpt = _setup_resume(run_dir, recipe, resume, fresh, accelerator, log)
+    run = RunDir(recipe.output_dir)
+    ckpt = _setup_resume(run, recipe, resume, fresh, accelerator, log)
     torch.manual_seed(recipe.train.seed)
-
-    t0 = time.perf_counter()
-    tokenizer = load_tokenizer(recipe.model.name_or_path)
-    with main_first(accelerator):  # rank 0 tokenizes and fills the cache, the others read it
-        data = prepare_data(recipe.data, tokenizer, log=log)
-    data_prepare_s = time.perf_counter() - t0
-    log(f"data: {describe(data.stats)} ({data_prepare_s:.1f} s)")
-
-    t0 = time.perf_counter()
-    model = build_model(recipe.model, recipe.lora, device_map=_device_map(recipe, accelerator), log=log)
-    model_load_s = time.perf_counter() - t0
-    log(f"model: loaded in {model_load_s:.1f} s")
-    optimizer = build_optimizer(model, recipe.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    checkpoint.install_trainable_only_hook(accelerator)
-
+    tokenizer = run_tokenizer(recipe.model.name_or_path)  # pad token and chat template decided once, here
+    data, data_prepare_s = _setup_data(recipe, tokenizer, accelerator, log)
+    model, optimizer, model_load_s = _setup_model(recipe, accelerator, log)
     state = TrainState(data_seed=recipe.train.seed)
     if ckpt is not None:
         state = checkpoint.load(accelerator, ckpt)
         log(f"resume: from {ckpt} at step {state.step} (epoch {state.epoch}, {state.samples_seen} samples seen)")
     plan = make_plan(len(data.train), recipe, accelerator.num_processes, data.train["length"])
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(recipe))
-    tracker = make_tracker(accelerator.is_main_process, run_dir, plan.total_steps, state.step, show_progress)
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.config.write_text(dump_yaml(recipe))
+    tracker = make_tracker(accelerator.is_main_process, run, plan.total_steps, state.step, show_progress)
+    info = world_info(accelerator)
     log(f"train: {plan.total_steps} steps of {plan.rows_per_step} rows ({plan.steps_per_epoch} per epoch), "
-        f"{world_info(accelerator)['world_size']} process(es), {world_info(accelerator)['distributed_type']}")
-    steps_before, tokens_before, wall_before = state.step, state.tokens_seen, state.wall_time
+        f"{info['world_size']} process(es), {info['distributed_type']}")
+    before = {"step": state.step, "tokens": state.tokens_seen, "wall": state.wall_time}
     try:
-        last = train(recipe, accelerator, model, optimizer, data.train, data.val, state, plan, tracker, run_dir,
-                     tokenizer.pad_token_id)
+        last = train(recipe, accelerator, model, optimizer, data, state, plan, tracker, run, tokenizer.pad_token_id)
     except NonFiniteLoss as err:
-        tracker.close()
         raise UserError(str(err)) from None
-    tracker.close()
-
+    finally:
+        tracker.close()
     if not last.get("preempted"):
-        _save_final(accelerator, model, tokenizer, run_dir)  # every rank: the adapter is gathered collectively
-    summary = {**world_info(accelerator), "steps": state.step, "epochs_completed": state.epoch,
-               "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
-               "target_tokens_seen": state.target_tokens_seen, "skipped_steps": state.skipped_steps,
-               "train_wall_s": round(state.wall_time, 3), "process_wall_s": round(time.perf_counter() - started, 3),
-               "tokens_per_s": round((state.tokens_seen - tokens_before) / max(state.wall_time - wall_before, 1e-9), 2),
-               "steps_this_session": state.step - steps_before, "peak_mem_gib": round(peak_memory_gib(), 3),
-               "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
-               "final_eval_ppl": last.get("eval_ppl"), "data": data.stats, "preempted": bool(last.get("preempted")),
-               "model_load_s": round(model_load_s, 3), "data_prepare_s": round(data_prepare_s, 3),
-               **last.get("flops", {})}  # model_flops_per_token, tflops (per device); mfu, mfu_peak on known GPUs
+        _save_final(accelerator, model, tokenizer, run)  # every rank: the adapter is gathered collectively
+    summary = _summary(accelerator, state, last, before, data.stats, started=started, model_load_s=model_load_s,
+                       data_prepare_s=data_prepare_s)
     if summary.get("mfu") is not None:
         log(f"train: {summary['tflops']:.1f} model TFLOP/s per device, MFU {summary['mfu']:.1%} "
             f"(peak {summary['mfu_peak']}, {recipe.model.dtype})")
     if accelerator.is_main_process:
-        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=1))
+        run.summary.write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     if last.get("preempted"):
         raise SystemExit(PREEMPTED_EXIT)
     return summary
 
 
+def _setup_data(recipe: Recipe, tokenizer, accelerator, log):
+    """The prepared data (rank 0 tokenizes and fills the cache, the others read it) and the seconds it took."""
+    t0 = time.perf_counter()
+    with main_first(accelerator):
+        data = prepare_data(recipe.data, tokenizer, log=log)
+    seconds = time.perf_counter() - t0
+    log(f"data: {describe(data.stats)} ({seconds:.1f} s)")
+    return data, seconds
+
+
+def _setup_model(recipe: Recipe, accelerator, log):
+    """(model, optimizer) prepared by accelerate, with the checkpoint hooks installed, and the load seconds."""
+    t0 = time.perf_counter()
+    model = build_model(recipe.model, recipe.lora, device_map=_device_map(recipe, accelerator), log=log)
+    seconds = time.perf_counter() - t0
+    log(f"model: loaded in {seconds:.1f} s")
+    optimizer = build_optimizer(model, recipe.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpoint.install_trainable_only_hook(accelerator)
+    return model, optimizer, seconds
+
+
+def _summary(accelerator, state: TrainState, last: dict, before: dict, data_stats: dict, *, started: float,
+             model_load_s: float, data_prepare_s: float) -> dict:
+    """run_summary.json: where the run ended, throughput of this session, timings, final losses and FLOP rates."""
+    return {**world_info(accelerator), "steps": state.step, "epochs_completed": state.epoch,
+            "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
+            "target_tokens_seen": state.target_tokens_seen, "skipped_steps": state.skipped_steps,
+            "train_wall_s": round(state.wall_time, 3), "process_wall_s": round(time.perf_counter() - started, 3),
+            "tokens_per_s": round((state.tokens_seen - before["tokens"]) / max(state.wall_time - before["wall"], 1e-9),
+                                  2),
+            "steps_this_session": state.step - before["step"], "peak_mem_gib": round(peak_memory_gib(), 3),
+            "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
+            "final_eval_ppl": last.get("eval_ppl"), "data": data_stats, "preempted": bool(last.get("preempted")),
+            "model_load_s": round(model_load_s, 3), "data_prepare_s": round(data_prepare_s, 3),
+            **last.get("flops", {})}  # model_flops_per_token, tflops (per device); mfu, mfu_peak on known GPUs
+
+
 def _setup_accelerator(recipe: Recipe):
     t = recipe.train
     if recipe.model.dtype == "fp16" and not torch.cuda.is_available():
         raise UserError("model.dtype=fp16 needs a GPU; on CPU use bf16 or fp32")
-    if recipe.model.quantization == "nf4" and recipe.lora is None:
-        raise UserError("model.quantization=nf4 needs lora")
     return build_accelerator(grad_accum=t.grad_accum, mixed_precision=MIXED_PRECISION[recipe.model.dtype],
                              micro_batch_size=t.micro_batch_size, max_grad_norm=t.max_grad_norm)
 
 
-def _setup_resume(run_dir: Path, recipe: Recipe, resume: str | None, fresh: bool, accelerator, log):
+def _setup_resume(run: RunDir, recipe: Recipe, resume: str | None, fresh: bool, accelerator, log):
     """Which checkpoint to resume from (None: start at step 0). Decided before anything heavy is loaded."""
     if resume:
         ckpt = Path(resume)
@@ -113,16 +127,13 @@ def _setup_resume(run_dir: Path, recipe: Recipe, resume: str | None, fresh: bool
         if problem:
             raise UserError(f"--resume {ckpt}: {problem}; pick another checkpoint from {ckpt.parent}")
     elif fresh:
-        if checkpoint.list_checkpoints(run_dir) or (run_dir / "metrics.csv").exists():
-            # Nothing on disk is lost: the previous run moves aside.
-            if accelerator.is_main_process:
-                aside = run_dir.parent / f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
-                shutil.move(str(run_dir), aside)
-                log(f"--fresh: starting over; the previous run moved to {aside}")
+        if checkpoint.list_checkpoints(run.root) or run.metrics.exists():
+            if accelerator.is_main_process:  # nothing on disk is lost: the previous run moves aside
+                move_aside(run.root, log=lambda m: log(f"--fresh: starting over; {m}"))
             accelerator.wait_for_everyone()
         return None
     else:
-        ckpt = checkpoint.find_resumable(run_dir, log=log)
+        ckpt = checkpoint.find_resumable(run.root, log=log)
         if ckpt is None:
             return None
     problem = resume_topology_problem(checkpoint.read_state(ckpt), world_info(accelerator))
@@ -165,19 +176,19 @@ def _device_map(recipe: Recipe, accelerator):
     return {"": accelerator.device.index if accelerator.device.type == "cuda" else "cpu"}
 
 
-def _save_final(accelerator, model, tokenizer, run_dir: Path) -> None:
+def _save_final(accelerator, model, tokenizer, run: RunDir) -> None:
     """Every rank calls it (under DeepSpeed the adapter's fp32 weights are gathered collectively); rank 0 writes."""
     unwrapped = accelerator.unwrap_model(model)
     adapter = checkpoint.trainable_state_dict(accelerator, model) if checkpoint.is_peft(accelerator, model) else None
     if not accelerator.is_main_process:
         return
     if adapter is not None:
-        out = run_dir / "adapter"
+        out = run.adapter
         checkpoint.save_adapter(accelerator, model, out, adapter)
     else:
-        out = run_dir / "model"
+        out = run.model
         unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=accelerator.get_state_dict(model))
-    tokenizer.save_pretrained(str(out))  # the exact tokenizer and chat template used in training
+    save_tokenizer(tokenizer, out)  # the exact tokenizer and chat template used in training
 
 
 def _logger(accelerator):

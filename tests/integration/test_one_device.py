@@ -97,7 +97,7 @@ def test_eval_report_and_perplexity_is_exp_mean_token_loss(lora_run, tiny_model_
     from transformers import AutoModelForCausalLM
     from trainer.config import load_recipe
     from trainer.data import prepare_data
-    from trainer.model import load_tokenizer
+    from trainer.tokenizer import load_tokenizer
     recipe = load_recipe(lora_run / "config.yaml")
     tok = load_tokenizer(str(lora_run / "adapter"))
     test = prepare_data(recipe.data, tok, log=lambda m: None).test

@@ -532,8 +532,10 @@ def in_process(tmp_path, make_raw, monkeypatch):
     from trainer.config import recipe_from_dict
     from trainer.data import prepare_data
     from trainer.distributed import build_accelerator
-    from trainer.model import build_model, load_tokenizer
+    from trainer.model import build_model
+    from trainer.tokenizer import load_tokenizer
     from trainer.optim import build_optimizer
+    from trainer.run_dir import RunDir
     from trainer.state import TrainState
 
     def setup(hook, **train):
@@ -566,8 +568,8 @@ def in_process(tmp_path, make_raw, monkeypatch):
         tracker = RecordingTracker(model)
 
         def train():
-            return loop.train(recipe, acc, model, opt, data.train, data.val, TrainState(data_seed=0), plan, tracker,
-                              run_dir, tok.pad_token_id)
+            return loop.train(recipe, acc, model, opt, data, TrainState(data_seed=0), plan, tracker,
+                              RunDir(run_dir), tok.pad_token_id)
         return train, tracker, ids_of, run_dir
 
     yield setup

@@ -112,7 +112,8 @@ def _one_step(model_dir, data_path, micro, accum, tmp_path):
     from trainer.distributed import build_accelerator
     from trainer.data import prepare_data
     from trainer.loop import make_plan, micro_batches, train_step
-    from trainer.model import build_model, load_tokenizer
+    from trainer.model import build_model
+    from trainer.tokenizer import load_tokenizer
     from trainer.state import TrainState
     from accelerate.state import AcceleratorState
 

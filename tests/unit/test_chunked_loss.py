@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from tests.conftest import make_model
-from trainer import model as M
-from trainer.config import LoraConfig
-from trainer.model import apply_lora, plain_lm_head, token_loss_sum
+from trainer import loss as M
+from trainer.config import LoraArgs
+from trainer.loss import plain_lm_head, token_loss_sum
+from trainer.model import apply_lora
 
 
 def batch(vocab: int, seed: int = 0):
@@ -45,7 +46,7 @@ def test_full_finetune_same_loss_and_grads(monkeypatch, tie):
 
 def test_lora_same_loss_and_grads_fp32(monkeypatch):
     monkeypatch.setattr(M, "CE_CHUNK_BYTES", 4 * 512 * 5)
-    model = apply_lora(make_model(512, init_std=0.2), LoraConfig(r=4, alpha=8, dropout=0.0))
+    model = apply_lora(make_model(512, init_std=0.2), LoraArgs(r=4, alpha=8, dropout=0.0))
     for name, p in model.named_parameters():  # B starts at zero: give it values so every path carries gradient
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -68,7 +69,7 @@ def test_no_grad_eval_same_loss():
 
 def test_heads_it_must_not_touch_fall_back_to_full_logits():
     """A LoRA-wrapped head, or logits scaled after the head: the model's own logits are used."""
-    lora_head = apply_lora(make_model(512, tie=False), LoraConfig(r=4, alpha=8, dropout=0.0,
+    lora_head = apply_lora(make_model(512, tie=False), LoraArgs(r=4, alpha=8, dropout=0.0,
                                                                   target_modules=["q_proj", "lm_head"]))
     assert plain_lm_head(lora_head) is None
     scaled = make_model(512)

@@ -57,3 +57,21 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
 def test_yaml_syntax_error_names_line(tmp_path):
     with pytest.raises(UserError, match=r"r.yaml:\d+: not valid YAML"):
         load_recipe(write(tmp_path, "data: {path: x}\ntrain: [\n"))
+
+
+def test_every_recipe_key_is_documented():
+    from dataclasses import fields
+
+    from trainer.config import SECTIONS, Recipe, field_docs
+    for cls in [*SECTIONS.values(), Recipe]:
+        missing = [f.name for f in fields(cls) if len(field_docs(cls).get(f.name, "")) < 10]
+        assert not missing, f"{cls.__name__} fields without a docstring under them: {missing}"
+
+
+def test_readme_recipe_reference_is_generated_from_the_code():
+    """Edit trainer/config.py, then run `python -m trainer.config README.md`."""
+    from tests.conftest import ROOT
+    from trainer.config import REFERENCE_END, REFERENCE_START, reference_markdown
+    text = (ROOT / "README.md").read_text()
+    generated = text[text.index(REFERENCE_START) + len(REFERENCE_START):text.index(REFERENCE_END)]
+    assert generated.strip() == reference_markdown().strip()

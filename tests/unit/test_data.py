@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from tests.conftest import ALPACA, CHAT_SINGLE, make_model, make_tokenizer, write_jsonl
-from trainer.config import DataConfig
+from trainer.config import DataArgs
 from trainer.data import (IGNORE, chat_segments, collate, detect_format, pack, pack_lengths, prepare_data,
                           row_to_messages, split_indices, tokenize_sample)
 from trainer.errors import UserError
-from trainer.model import token_loss_sum
+from trainer.loss import token_loss_sum
 
 
 def ids(tok, text):
@@ -46,7 +46,7 @@ def test_train_on_all_labels_everything(tokenizer):
 
 def test_default_chatml_when_tokenizer_has_none():
     tok = make_tokenizer(chat_template=None)
-    from trainer.data import ensure_chat_template
+    from trainer.tokenizer import ensure_chat_template
     ensure_chat_template(tok)
     segs = chat_segments(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     assert segs == [("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n", False), ("b<|im_end|>\n", True)]
@@ -63,11 +63,11 @@ def test_text_format_appends_eos_and_trains_all(tokenizer):
     (["prompt", "completion"], "prompt_completion"), (["prompt", "response"], "prompt_completion"),
     (["text", "meta"], "text")])
 def test_detect_format(columns, expected):
-    assert detect_format(columns, DataConfig(path="x")) == expected
+    assert detect_format(columns, DataArgs(path="x")) == expected
 
 
 def test_columns_mapping():
-    cfg = DataConfig(path="x", columns={"prompt": "question", "completion": "answer"})
+    cfg = DataArgs(path="x", columns={"prompt": "question", "completion": "answer"})
     assert detect_format(["question", "answer"], cfg) == "prompt_completion"
     msgs = row_to_messages({"question": "Q?", "answer": "A."}, "prompt_completion", cfg.columns, "f row 0")
     assert msgs == [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
@@ -79,7 +79,7 @@ def test_alpaca_row_joins_input():
 
 
 def prepared(tmp_path, tokenizer, path, **kw):
-    cfg = DataConfig(path=str(path), **{"max_seq_len": 64, "val_fraction": 0.0, **kw})
+    cfg = DataArgs(path=str(path), **{"max_seq_len": 64, "val_fraction": 0.0, **kw})
     return prepare_data(cfg, tokenizer, cache_root=tmp_path / "cache", log=lambda m: None)
 
 
@@ -136,7 +136,7 @@ def test_pack_lengths_fits_and_keeps_every_sample():
 
 
 def test_real_alpaca_packing_fill_and_cache(tmp_path, tokenizer):
-    cfg = DataConfig(path=str(ALPACA), max_seq_len=256, val_fraction=0.05)
+    cfg = DataArgs(path=str(ALPACA), max_seq_len=256, val_fraction=0.05)
     msgs = []
     data = prepare_data(cfg, tokenizer, cache_root=tmp_path, log=msgs.append)
     assert data.stats["train"]["samples"] + data.stats["val"]["samples"] == 1000
@@ -147,7 +147,7 @@ def test_real_alpaca_packing_fill_and_cache(tmp_path, tokenizer):
     assert any("cached" in m for m in msgs)
     assert again.train["input_ids"] == data.train["input_ids"]
     # A changed data section is a different key: never served stale.
-    other = prepare_data(DataConfig(path=str(ALPACA), max_seq_len=128, val_fraction=0.05), tokenizer,
+    other = prepare_data(DataArgs(path=str(ALPACA), max_seq_len=128, val_fraction=0.05), tokenizer,
                          cache_root=tmp_path, log=msgs.append)
     assert other.cache_dir != data.cache_dir
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer import estimate as E
-from trainer.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
+from trainer.config import DataArgs, LoraArgs, ModelArgs, Recipe, TrainArgs
 from trainer.errors import UserError
 
 warnings.filterwarnings("ignore")
@@ -25,13 +25,13 @@ def tiny_config(tied: bool = False, layers: int = 2, intermediate: int = 128) ->
                        num_key_value_heads=2, vocab_size=512, tie_word_embeddings=tied, max_position_embeddings=256)
 
 
-def make_recipe(lora: LoraConfig | None = LoraConfig(r=8, target_modules="all-linear"), *, dtype="fp32",
+def make_recipe(lora: LoraArgs | None = LoraArgs(r=8, target_modules="all-linear"), *, dtype="fp32",
                 quantization=None, ckpt=True, mb=1, seq=64, grad_accum=1, optimizer="adamw", packing=False,
                 name="tiny") -> Recipe:
-    return Recipe(model=ModelConfig(name_or_path=name, dtype=dtype, quantization=quantization,
+    return Recipe(model=ModelArgs(name_or_path=name, dtype=dtype, quantization=quantization,
                                     gradient_checkpointing=ckpt),
-                  lora=lora, data=DataConfig(path="data.jsonl", max_seq_len=seq, packing=packing),
-                  train=TrainConfig(micro_batch_size=mb, grad_accum=grad_accum, optimizer=optimizer))
+                  lora=lora, data=DataArgs(path="data.jsonl", max_seq_len=seq, packing=packing),
+                  train=TrainArgs(micro_batch_size=mb, grad_accum=grad_accum, optimizer=optimizer))
 
 
 def tiny_model(cfg: LlamaConfig, dtype=torch.float32) -> LlamaForCausalLM:
@@ -90,7 +90,7 @@ def test_lora_counts_match_peft(tied, targets):
     cfg = tiny_config(tied)
     model = peft_model(cfg, targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lora = LoraConfig(r=8, target_modules=targets)
+    lora = LoraArgs(r=8, target_modules=targets)
     assert E.count_parameters(cfg, lora)["trainable"] == trainable
     assert E.count_parameters(cfg, lora)["lora"] == trainable
     assert E.lora_parameter_count(cfg, 8, targets) == trainable
@@ -100,7 +100,7 @@ def test_lora_counts_match_peft(tied, targets):
 
 def test_lora_unknown_target_is_a_user_error():
     with pytest.raises(UserError, match="qkv"):
-        E.count_parameters(tiny_config(), LoraConfig(r=8, target_modules=["qkv"]))
+        E.count_parameters(tiny_config(), LoraArgs(r=8, target_modules=["qkv"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,8 +122,8 @@ def _adamw_state_bytes(opt) -> int:
                for key, t in state.items() if key in ("exp_avg", "exp_avg_sq"))
 
 
-@pytest.mark.parametrize("lora", [LoraConfig(r=8, target_modules="all-linear"),
-                                  LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), None])
+@pytest.mark.parametrize("lora", [LoraArgs(r=8, target_modules="all-linear"),
+                                  LoraArgs(r=8, target_modules=["q_proj", "v_proj"]), None])
 def test_gradient_and_adamw_state_bytes_are_exact(lora):
     cfg = tiny_config()
     model = peft_model(cfg, lora.target_modules) if lora is not None else tiny_model(cfg)
@@ -304,13 +304,13 @@ ACTIVATION_CASES = [
     ("fp32 full", torch.float32, None, False, E.Precision(4, 4, False, 4, True)),
     ("bf16 full, DeepSpeed-style", torch.bfloat16, None, False, E.Precision(2, 2, False, 2, True)),
     ("bf16 full, fp32 weights + autocast", torch.float32, None, True, E.Precision(2, 4, True, 4, True)),
-    ("bf16 LoRA all-linear + dropout, autocast", torch.bfloat16, LoraConfig(r=8, dropout=0.05), True,
+    ("bf16 LoRA all-linear + dropout, autocast", torch.bfloat16, LoraArgs(r=8, dropout=0.05), True,
      E.Precision(2, 2, True, 4, False)),
     ("bf16 LoRA q/v no dropout, autocast", torch.bfloat16,
-     LoraConfig(r=8, target_modules=["q_proj", "v_proj"], dropout=0.0), True, E.Precision(2, 2, True, 4, False)),
-    ("fp32 LoRA all-linear + dropout", torch.float32, LoraConfig(r=8, dropout=0.05), False,
+     LoraArgs(r=8, target_modules=["q_proj", "v_proj"], dropout=0.0), True, E.Precision(2, 2, True, 4, False)),
+    ("fp32 LoRA all-linear + dropout", torch.float32, LoraArgs(r=8, dropout=0.05), False,
      E.Precision(4, 4, False, 4, False)),
-    ("QLoRA all-linear + dropout, autocast", "nf4", LoraConfig(r=8, dropout=0.05), True,
+    ("QLoRA all-linear + dropout, autocast", "nf4", LoraArgs(r=8, dropout=0.05), True,
      E.Precision(2, 4, True, 4, False, mlp=4)),
 ]
 
@@ -350,18 +350,18 @@ def test_activation_terms_match_saved_tensors(case, tmp_path):
 
 def test_checkpointing_and_flash_attention_shrink_activations():
     cfg = E.load_model_config("mistralai/Mistral-7B-v0.1")
-    recipe = make_recipe(LoraConfig(r=16), dtype="bf16", quantization="nf4", ckpt=False, mb=2, seq=2048,
+    recipe = make_recipe(LoraArgs(r=16), dtype="bf16", quantization="nf4", ckpt=False, mb=2, seq=2048,
                          packing=True)
     est = E.estimate(recipe, cfg, gpus=1, gpu_mem_gib=24)
     assert est.activations == est.activations_no_checkpointing > 10 * est.activations_checkpointing
-    flash = E.estimate(Recipe(model=ModelConfig(**{**recipe.model.__dict__, "attn_implementation": "flash_attention_2"}),
+    flash = E.estimate(Recipe(model=ModelArgs(**{**recipe.model.__dict__, "attn_implementation": "flash_attention_2"}),
                               lora=recipe.lora, data=recipe.data, train=recipe.train), cfg, gpus=1, gpu_mem_gib=24)
     assert flash.activations < est.activations  # no additive mask, no repeated K/V
 
 
 def test_logits_dominate_small_models_with_big_vocabularies():
     cfg = E.load_model_config("HuggingFaceTB/SmolLM2-135M-Instruct")
-    est = E.estimate(make_recipe(LoraConfig(r=16), dtype="bf16", mb=8, seq=2048), cfg, gpus=1, gpu_mem_gib=24)
+    est = E.estimate(make_recipe(LoraArgs(r=16), dtype="bf16", mb=8, seq=2048), cfg, gpus=1, gpu_mem_gib=24)
     tokens, vocab = 8 * 2048, 49152
     assert est.logits == tokens * vocab * 4 and est.logits_grad == tokens * vocab * 8
     assert est.logits + est.logits_grad > est.activations
@@ -374,7 +374,7 @@ def test_logits_dominate_small_models_with_big_vocabularies():
 @pytest.mark.parametrize("mb", [1, 2])
 def test_mistral_7b_qlora_fits_on_24gib(mb):
     cfg = E.load_model_config("mistralai/Mistral-7B-v0.1")
-    recipe = make_recipe(LoraConfig(r=16, target_modules="all-linear"), dtype="bf16", quantization="nf4", mb=mb,
+    recipe = make_recipe(LoraArgs(r=16, target_modules="all-linear"), dtype="bf16", quantization="nf4", mb=mb,
                          seq=2048, grad_accum=8 // mb, packing=True, name="mistralai/Mistral-7B-v0.1")
     est = E.estimate(recipe, cfg, gpus=1, gpu_mem_gib=24)
     assert est.fits and est.headroom > 0 and not est.suggestions
@@ -419,7 +419,7 @@ def test_llama2_7b_full_finetune_zero2_offload_on_8x80gib():
 
 def test_llama2_7b_lora_zero2_on_8x80gib_fits():
     cfg = E.load_model_config("meta-llama/Llama-2-7b-hf")
-    est = E.estimate(make_recipe(LoraConfig(r=16), dtype="bf16", mb=4, seq=4096, packing=True), cfg, gpus=8,
+    est = E.estimate(make_recipe(LoraArgs(r=16), dtype="bf16", mb=4, seq=4096, packing=True), cfg, gpus=8,
                      gpu_mem_gib=80, zero_stage=2)
     assert est.fits and 10 * GiB < est.total < 60 * GiB
 

@@ -16,7 +16,7 @@ def counted_train_flops(model, ids, pos, labels) -> int:
     The model's own logits at every position (chunked loss off), as the formula counts."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.model import token_loss_sum
+    from trainer.loss import token_loss_sum
     with FlopCounterMode(display=False) as counter:
         loss, n = token_loss_sum(model, {"input_ids": ids, "labels": labels, "position_ids": pos}, chunked=False)
         loss.backward()
@@ -47,11 +47,11 @@ def test_full_finetune_is_6n_plus_attention():
 def test_lora_is_4n_plus_6n_lora_an_upper_bound():
     """Frozen base: no weight gradients; the bound counts activation gradients into layer 0's frozen projections,
     which autograd skips (their input needs no gradient): the real count is a little lower, never higher."""
-    from trainer.config import LoraConfig
+    from trainer.config import LoraArgs
     from trainer.model import apply_lora
     base = eager(make_model(512))
     n_base = F.flops_model(base).matmul_params
-    model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
+    model = apply_lora(base, LoraArgs(r=4, alpha=8, dropout=0.0))
     fm = F.flops_model(model)
     n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert fm.trainable_matmul_params == n_lora and fm.matmul_params == n_base + n_lora

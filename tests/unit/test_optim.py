@@ -2,13 +2,13 @@ import math
 
 import pytest
 
-from trainer.config import TrainConfig
+from trainer.config import TrainArgs
 from trainer.optim import lr_at
 from trainer.state import epoch_order, step_rows
 
 
 def test_cosine_with_warmup_known_values():
-    cfg = TrainConfig(lr=1.0, scheduler="cosine", warmup_steps=10)
+    cfg = TrainArgs(lr=1.0, scheduler="cosine", warmup_steps=10)
     assert lr_at(0, cfg, 110) == pytest.approx(0.1)
     assert lr_at(9, cfg, 110) == pytest.approx(1.0)
     assert lr_at(10, cfg, 110) == pytest.approx(1.0)
@@ -18,13 +18,13 @@ def test_cosine_with_warmup_known_values():
 
 
 def test_linear_constant_floor_and_ratio():
-    assert lr_at(55, TrainConfig(lr=2.0, scheduler="linear", warmup_steps=0), 110) == pytest.approx(1.0)
-    assert lr_at(99, TrainConfig(lr=2.0, scheduler="constant", warmup_steps=5), 100) == 2.0
-    cfg = TrainConfig(lr=1.0, scheduler="cosine", warmup_steps=0, min_lr_ratio=0.1)
+    assert lr_at(55, TrainArgs(lr=2.0, scheduler="linear", warmup_steps=0), 110) == pytest.approx(1.0)
+    assert lr_at(99, TrainArgs(lr=2.0, scheduler="constant", warmup_steps=5), 100) == 2.0
+    cfg = TrainArgs(lr=1.0, scheduler="cosine", warmup_steps=0, min_lr_ratio=0.1)
     assert lr_at(100, cfg, 100) == pytest.approx(0.1)
     # warmup_ratio: ceil(0.03 * 100) = 3 warmup steps
-    assert lr_at(2, TrainConfig(lr=3.0, warmup_ratio=0.03), 100) == pytest.approx(3.0)
-    assert lr_at(0, TrainConfig(lr=3.0, warmup_ratio=0.03), 100) == pytest.approx(1.0)
+    assert lr_at(2, TrainArgs(lr=3.0, warmup_ratio=0.03), 100) == pytest.approx(3.0)
+    assert lr_at(0, TrainArgs(lr=3.0, warmup_ratio=0.03), 100) == pytest.approx(1.0)
 
 
 def test_step_rows_cover_epoch_once_for_any_world_size():
