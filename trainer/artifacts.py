@@ -1,5 +1,6 @@
 """What a run trained, read back for the post-training commands (merge, eval, chat, export): its recipe, its
 final adapter or model (or the newest verified checkpoint's, when the run was stopped), and its tokenizer."""
+
 from __future__ import annotations
 
 from pathlib import Path

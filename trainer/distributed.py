@@ -76,6 +76,7 @@ bf16/fp16.enabled from mixed_precision (`DeepSpeedPlugin.set_mixed_precision`). 
 DeepSpeedPlugin ourselves (same source: ACCELERATE_DEEPSPEED_CONFIG_FILE), fill every one of these keys
 from the recipe before the Accelerator sees it, and refuse a json whose explicit value disagrees.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -140,9 +141,18 @@ def _accelerate_finds_device() -> bool:
         return True
     if probe("is_xpu_available") and probe("is_xccl_available"):
         return True
-    return any(probe(name) for name in ("is_torch_xla_available", "is_mlu_available", "is_sdaa_available",
-                                        "is_musa_available", "is_npu_available", "is_hpu_available",
-                                        "is_neuron_available"))
+    return any(
+        probe(name)
+        for name in (
+            "is_torch_xla_available",
+            "is_mlu_available",
+            "is_sdaa_available",
+            "is_musa_available",
+            "is_npu_available",
+            "is_hpu_available",
+            "is_neuron_available",
+        )
+    )
 
 
 def _deepspeed_comm_backend() -> str:
@@ -164,8 +174,16 @@ def _node(config: dict, dotted: str) -> tuple[dict, str]:
     return config, leaf
 
 
-def fill_deepspeed_config(config: dict, *, grad_accum: int, mixed_precision: str, micro_batch_size: int,
-                          max_grad_norm: float, world_size: int, source: str = "the DeepSpeed config") -> dict:
+def fill_deepspeed_config(
+    config: dict,
+    *,
+    grad_accum: int,
+    mixed_precision: str,
+    micro_batch_size: int,
+    max_grad_norm: float,
+    world_size: int,
+    source: str = "the DeepSpeed config",
+) -> dict:
     """Set the recipe-owned keys of a DeepSpeed config in place: "auto" or missing -> the recipe's value;
     an explicit value that disagrees -> UserError (one line per key). Returns `config`."""
     wanted: dict[str, Any] = {
@@ -184,7 +202,7 @@ def fill_deepspeed_config(config: dict, *, grad_accum: int, mixed_precision: str
             node[leaf] = value
         elif isinstance(value, bool):
             if str(current).lower() != str(value).lower():
-                problems.append(f"{source}: {dotted}={current} but the recipe says {value}; set it to \"auto\"")
+                problems.append(f'{source}: {dotted}={current} but the recipe says {value}; set it to "auto"')
             node[leaf] = value
         else:
             try:
@@ -192,27 +210,38 @@ def fill_deepspeed_config(config: dict, *, grad_accum: int, mixed_precision: str
             except (TypeError, ValueError):
                 agrees = False
             if not agrees:
-                problems.append(f"{source}: {dotted}={current} but the recipe says {value}; set it to \"auto\"")
+                problems.append(f'{source}: {dotted}={current} but the recipe says {value}; set it to "auto"')
     if problems:
         raise UserError("\n".join(problems))
     return config
 
 
 # ----------------------------------------------------------------------------------------------- Accelerator
-def build_accelerator(*, grad_accum: int, mixed_precision: str, micro_batch_size: int, max_grad_norm: float,
-                      log_with=None, project_dir=None) -> Accelerator:
+def build_accelerator(
+    *,
+    grad_accum: int,
+    mixed_precision: str,
+    micro_batch_size: int,
+    max_grad_norm: float,
+    log_with=None,
+    project_dir=None,
+) -> Accelerator:
     """The Accelerator for this launch (plain process, DDP, or DeepSpeed; CPU or GPU). See the module doc."""
     if mixed_precision not in MIXED_PRECISIONS:
         raise UserError(f"mixed_precision={mixed_precision!r}: expected one of {', '.join(MIXED_PRECISIONS)}")
     if grad_accum < 1 or micro_batch_size < 1 or max_grad_norm < 0:
-        raise UserError(f"need grad_accum >= 1, micro_batch_size >= 1, max_grad_norm >= 0 "
-                        f"(got {grad_accum}, {micro_batch_size}, {max_grad_norm})")
+        raise UserError(
+            f"need grad_accum >= 1, micro_batch_size >= 1, max_grad_norm >= 0 "
+            f"(got {grad_accum}, {micro_batch_size}, {max_grad_norm})"
+        )
     # Accelerator(gradient_accumulation_steps=...) is silently overridden by this env var
     # (set by the launcher from a yaml's deepspeed_config.gradient_accumulation_steps).
     env_accum = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if env_accum and env_accum.isdigit() and int(env_accum) != grad_accum:
-        raise UserError(f"the accelerate config sets gradient_accumulation_steps={env_accum} but the recipe says "
-                        f"{grad_accum}; remove it from the accelerate config (the recipe owns it)")
+        raise UserError(
+            f"the accelerate config sets gradient_accumulation_steps={env_accum} but the recipe says "
+            f"{grad_accum}; remove it from the accelerate config (the recipe owns it)"
+        )
 
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -224,14 +253,22 @@ def build_accelerator(*, grad_accum: int, mixed_precision: str, micro_batch_size
     if launched_with_deepspeed():
         if _env_flag("ACCELERATE_USE_CPU"):
             # AcceleratorState ignores DeepSpeed when cpu=True (state.py: `... and not cpu`): plain DDP instead.
-            raise UserError("ACCELERATE_USE_CPU=true with a DeepSpeed launch: accelerate would silently run plain "
-                            "DDP instead; unset it (accelerate_configs/cpu_gloo_zero2.yaml needs nothing else)")
+            raise UserError(
+                "ACCELERATE_USE_CPU=true with a DeepSpeed launch: accelerate would silently run plain "
+                "DDP instead; unset it (accelerate_configs/cpu_gloo_zero2.yaml needs nothing else)"
+            )
         # Reads ACCELERATE_DEEPSPEED_CONFIG_FILE (or the yaml's inline deepspeed_config), like Accelerator() would.
         deepspeed_plugin = DeepSpeedPlugin()
         source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the accelerate deepspeed_config")
-        fill_deepspeed_config(deepspeed_plugin.deepspeed_config, grad_accum=grad_accum,
-                              mixed_precision=mixed_precision, micro_batch_size=micro_batch_size,
-                              max_grad_norm=max_grad_norm, world_size=_env_world_size(), source=source)
+        fill_deepspeed_config(
+            deepspeed_plugin.deepspeed_config,
+            grad_accum=grad_accum,
+            mixed_precision=mixed_precision,
+            micro_batch_size=micro_batch_size,
+            max_grad_norm=max_grad_norm,
+            world_size=_env_world_size(),
+            source=source,
+        )
         deepspeed_plugin.gradient_accumulation_steps = grad_accum
         deepspeed_plugin.gradient_clipping = float(max_grad_norm)
         if no_device_launch:
@@ -255,7 +292,8 @@ def build_accelerator(*, grad_accum: int, mixed_precision: str, micro_batch_size
             f"accelerate sees {accelerator.num_processes} process(es) ({accelerator.distributed_type.value}, "
             f"backend {accelerator.state.backend}) but the launcher started WORLD_SIZE={expected}; "
             "every rank would act as the main process; launch with one of accelerate_configs/*.yaml "
-            "(cpu_gloo_ddp.yaml / cpu_gloo_zero2.yaml on a machine without a GPU)")
+            "(cpu_gloo_ddp.yaml / cpu_gloo_zero2.yaml on a machine without a GPU)"
+        )
     return accelerator
 
 

@@ -1,5 +1,6 @@
 """The dtype vocabulary of recipes (`fp32`, `bf16`, `fp16`), defined once: torch dtype, bytes per element, and
 the name accelerate's `mixed_precision` uses for it."""
+
 from __future__ import annotations
 
 from trainer.config import DTYPE_NAMES
@@ -24,5 +25,11 @@ def torch_dtype(name: str):
 def name_of(dtype) -> str | None:
     """The recipe name of a torch dtype or of a config's dtype string (`bfloat16`, `torch.float16`, ...), or None."""
     text = str(dtype).replace("torch.", "")
-    return {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
-            **{n: n for n in DTYPE_NAMES}}.get(text)
+    return {
+        "float32": "fp32",
+        "float": "fp32",
+        "bfloat16": "bf16",
+        "float16": "fp16",
+        "half": "fp16",
+        **{n: n for n in DTYPE_NAMES},
+    }.get(text)

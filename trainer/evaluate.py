@@ -1,5 +1,6 @@
 """`trainer eval RUN_DIR`: base vs tuned on the run's test split: perplexity, exact match (one normaliser),
 sample generations, LoRA weight deltas; `eval/report.{json,md}` and plots."""
+
 from __future__ import annotations
 
 import contextlib
@@ -65,43 +66,65 @@ def exact_match_rate(predictions: list[str], references: list[str]) -> float:
     return hits / max(len(references), 1)
 
 
-def evaluate_models(models: dict, tokenizer, rows, convs: list[dict], recipe, *, exact_match: bool,
-                    num_samples: int, log=print) -> dict:
+def evaluate_models(
+    models: dict, tokenizer, rows, convs: list[dict], recipe, *, exact_match: bool, num_samples: int, log=print
+) -> dict:
     """Perplexity for each model on `rows`; exact match over `convs` (greedy) when asked; sample generations.
 
     `models` maps a name ("base", "tuned") to a callable context manager yielding the model, so one loaded
     PEFT model can serve as base (adapter disabled) and tuned.
     """
     gen = recipe.generation
-    report, samples = {}, [{"id": c["id"], "prompt": c["prompt"][-1]["content"] if c["prompt"] else None,
-                            "reference": c["reference"]} for c in convs[:num_samples]]
+    report, samples = (
+        {},
+        [
+            {"id": c["id"], "prompt": c["prompt"][-1]["content"] if c["prompt"] else None, "reference": c["reference"]}
+            for c in convs[:num_samples]
+        ],
+    )
     usable = [c for c in convs if c["prompt"]]
     for name, use in models.items():
         with use() as model:
             device = next(model.parameters()).device
-            ppl = dataset_loss(model, rows, batch_size=recipe.train.eval_batch_size,
-                               pad_id=tokenizer.pad_token_id, device=device)
+            ppl = dataset_loss(
+                model, rows, batch_size=recipe.train.eval_batch_size, pad_id=tokenizer.pad_token_id, device=device
+            )
             entry = {"loss": ppl["loss"], "perplexity": ppl["ppl"], "tokens": ppl["tokens"]}
             targets = usable if exact_match else usable[:num_samples]
             greedy = generate(model, tokenizer, [c["prompt"] for c in targets], max_new_tokens=gen.max_new_tokens)
             if exact_match:
                 entry["exact_match"] = exact_match_rate(greedy, [c["reference"] for c in targets])
                 entry["exact_match_n"] = len(targets)
-            sampled = generate(model, tokenizer, [c["prompt"] for c in usable[:num_samples]], do_sample=True,
-                               temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
+            sampled = generate(
+                model,
+                tokenizer,
+                [c["prompt"] for c in usable[:num_samples]],
+                do_sample=True,
+                temperature=gen.temperature,
+                top_p=gen.top_p,
+                max_new_tokens=gen.max_new_tokens,
+            )
             for s, g, smp in zip(samples, greedy, sampled):
                 s[f"{name}_greedy"], s[f"{name}_sampled"] = g, smp
             report[name] = entry
-            log(f"eval: {name}: loss {entry['loss']:.4f} ppl {entry['perplexity']:.3f}"
-                + (f" exact match {entry['exact_match']:.3f} (n={len(targets)})" if exact_match else ""))
+            log(
+                f"eval: {name}: loss {entry['loss']:.4f} ppl {entry['perplexity']:.3f}"
+                + (f" exact match {entry['exact_match']:.3f} (n={len(targets)})" if exact_match else "")
+            )
     report["samples"] = samples
     return report
 
 
 def report_markdown(report: dict) -> str:
     names = [n for n in ("base", "tuned") if n in report]
-    lines = ["# Evaluation", "", f"Split: {report.get('split', '?')}", "",
-             "| model | exact match | perplexity | loss |", "| --- | --- | --- | --- |"]
+    lines = [
+        "# Evaluation",
+        "",
+        f"Split: {report.get('split', '?')}",
+        "",
+        "| model | exact match | perplexity | loss |",
+        "| --- | --- | --- | --- |",
+    ]
     for n in names:
         e = report[n]
         em = f"{e['exact_match']:.3f}" if "exact_match" in e else "-"
@@ -110,8 +133,12 @@ def report_markdown(report: dict) -> str:
     for s in report["samples"]:
         lines += [f"### sample {s['id']}", "", f"**prompt:** {s['prompt']}", "", f"**reference:** {s['reference']}", ""]
         for n in names:
-            lines += [f"**{n} (greedy):** {s.get(n + '_greedy', '')}", "",
-                      f"**{n} (sampled):** {s.get(n + '_sampled', '')}", ""]
+            lines += [
+                f"**{n} (greedy):** {s.get(n + '_greedy', '')}",
+                "",
+                f"**{n} (sampled):** {s.get(n + '_sampled', '')}",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -127,13 +154,21 @@ def lora_weight_deltas(peft_model) -> list[dict]:
             base = module.get_base_layer().weight
             if base.__class__.__name__ == "Params4bit":
                 import bitsandbytes.functional as bnbf
+
                 base = bnbf.dequantize_4bit(base.data, base.quant_state)
             norm = float(delta.norm())
             base_norm = float(base.float().norm())
             layer = next((int(p) for p in name.split(".") if p.isdigit()), -1)
-            rows.append({"module": name.replace("base_model.model.", ""), "layer": layer,
-                         "type": name.split(".")[-1], "delta_norm": norm, "weight_norm": base_norm,
-                         "relative": norm / base_norm if base_norm else float("nan")})
+            rows.append(
+                {
+                    "module": name.replace("base_model.model.", ""),
+                    "layer": layer,
+                    "type": name.split(".")[-1],
+                    "delta_norm": norm,
+                    "weight_norm": base_norm,
+                    "relative": norm / base_norm if base_norm else float("nan"),
+                }
+            )
     return rows
 
 
@@ -146,8 +181,9 @@ def _models_to_compare(run: RunDir, recipe, merged: bool, device: str):
     tuned_folder = run.model if recipe.lora is None else (run.merged if merged and run.merged.is_dir() else None)
     if tuned_folder is not None:
         base = load_base(recipe.model, dtype=dtype, quantize=False, device_map={"": device}).eval()
-        tuned = load_base(replace(recipe.model, name_or_path=str(tuned_folder)), dtype=dtype, quantize=False,
-                          device_map={"": device}).eval()
+        tuned = load_base(
+            replace(recipe.model, name_or_path=str(tuned_folder)), dtype=dtype, quantize=False, device_map={"": device}
+        ).eval()
         return {"base": lambda: contextlib.nullcontext(base), "tuned": lambda: contextlib.nullcontext(tuned)}, []
     peft_model = load_tuned(recipe, adapter_dir(run), device_map={"": device})
 
@@ -179,8 +215,19 @@ def eval_run(run_dir: Path, *, exact_match: bool = False, merged: bool = False, 
     split, rows = split_for_eval(data)
     convs = conversations(recipe, [s for r in rows["sample_ids"] for s in r])
     models, deltas = _models_to_compare(run, recipe, merged, default_device())
-    report = {"split": split, **evaluate_models(models, tokenizer, rows, convs, recipe, exact_match=exact_match,
-                                                num_samples=recipe.generation.num_samples, log=log)}
+    report = {
+        "split": split,
+        **evaluate_models(
+            models,
+            tokenizer,
+            rows,
+            convs,
+            recipe,
+            exact_match=exact_match,
+            num_samples=recipe.generation.num_samples,
+            log=log,
+        ),
+    }
     run.eval.mkdir(parents=True, exist_ok=True)
     run.eval_report.write_text(json.dumps(report, indent=1))
     (run.eval / "report.md").write_text(report_markdown(report))

@@ -22,6 +22,7 @@ FLOPs), so turning checkpointing on lowers MFU, as it lowers useful throughput.
 MFU = achieved model FLOP/s / the device's dense peak for the compute dtype. Peaks are known only for a few
 NVIDIA GPUs (`GPU_PEAK_TFLOPS`); elsewhere (CPU, other GPUs) MFU is omitted and only TFLOP/s is reported.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch
 GPU_PEAK_TFLOPS = {
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
     "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},   # SXM5 (HBM3)
+    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},  # SXM5 (HBM3)
     "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},
     "H800": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
@@ -51,20 +52,21 @@ GPU_PEAK_TFLOPS = {
 @dataclass(frozen=True)
 class FlopsModel:
     """What the per-token FLOPs depend on, read once from the model."""
-    matmul_params: int            # N: all matmul weights, frozen and trainable (lm_head included, embeddings not)
+
+    matmul_params: int  # N: all matmul weights, frozen and trainable (lm_head included, embeddings not)
     trainable_matmul_params: int  # N_trainable
-    layers: int                   # L
-    attn_dim: int                 # d_attn = heads * head_dim
+    layers: int  # L
+    attn_dim: int  # d_attn = heads * head_dim
 
     def per_token(self, context: float) -> float:
         """Model FLOPs for one trained token whose sample is `context` tokens long (see the module docstring)."""
-        return (4 * self.matmul_params + 2 * self.trainable_matmul_params
-                + 12 * self.layers * self.attn_dim * context)
+        return 4 * self.matmul_params + 2 * self.trainable_matmul_params + 12 * self.layers * self.attn_dim * context
 
     def for_tokens(self, tokens: float, sum_len_sq: float) -> float:
         """Model FLOPs for `tokens` trained tokens whose samples' squared lengths sum to `sum_len_sq`."""
-        return (4 * self.matmul_params + 2 * self.trainable_matmul_params) * tokens \
-            + 12 * self.layers * self.attn_dim * sum_len_sq
+        return (
+            4 * self.matmul_params + 2 * self.trainable_matmul_params
+        ) * tokens + 12 * self.layers * self.attn_dim * sum_len_sq
 
 
 def _unwrap(model):
@@ -93,8 +95,12 @@ def flops_model(model) -> FlopsModel:
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     heads = getattr(cfg, "num_attention_heads", 0) or 0
     head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
-    return FlopsModel(matmul_params=total, trainable_matmul_params=trainable,
-                      layers=getattr(cfg, "num_hidden_layers", 0) or 0, attn_dim=heads * head_dim)
+    return FlopsModel(
+        matmul_params=total,
+        trainable_matmul_params=trainable,
+        layers=getattr(cfg, "num_hidden_layers", 0) or 0,
+        attn_dim=heads * head_dim,
+    )
 
 
 def sample_lengths_sq(position_ids: torch.Tensor, labels: torch.Tensor) -> int:
@@ -105,7 +111,7 @@ def sample_lengths_sq(position_ids: torch.Tensor, labels: torch.Tensor) -> int:
     """
     pos = position_ids.reshape(position_ids.shape[0], -1)
     rows, width = pos.shape
-    starts = (pos == 0)
+    starts = pos == 0
     seg = starts.cumsum(1) + torch.arange(rows).unsqueeze(1) * (width + 1)  # unique segment ids across rows
     seg = seg.flatten()
     lengths = torch.bincount(seg)
@@ -165,8 +171,10 @@ class FlopsMeter:
         """Whole-session figures for run_summary.json: flops per token, TFLOP/s per device, MFU and its peak."""
         if self.tokens <= 0:
             return {}
-        out = {"model_flops_per_token": round(self.model.for_tokens(self.tokens, self.len_sq) / self.tokens),
-               **{k: round(v, 6) for k, v in self.metrics(self.tokens, self.len_sq, self.seconds).items()}}
+        out = {
+            "model_flops_per_token": round(self.model.for_tokens(self.tokens, self.len_sq) / self.tokens),
+            **{k: round(v, 6) for k, v in self.metrics(self.tokens, self.len_sq, self.seconds).items()},
+        }
         if self.peak:
             out["mfu_peak"] = f"{self.peak[0]}: {self.peak[1]:g} TFLOP/s"
         return out

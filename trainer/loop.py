@@ -1,4 +1,5 @@
 """The training loop: `train_step` (accumulate, normalise, clip, step) and `train` (steps, eval, save, stop)."""
+
 from __future__ import annotations
 
 import math
@@ -28,18 +29,21 @@ class NonFiniteLoss(RuntimeError):
 @dataclass
 class Plan:
     """How many optimizer steps, derived once from the data size and the recipe."""
+
     rows: int
-    rows_per_step: int       # global: micro_batch * grad_accum * world
+    rows_per_step: int  # global: micro_batch * grad_accum * world
     steps_per_epoch: int
     total_steps: int
-    lengths: object = None   # row lengths when steps are grouped by length (packing off), else None
+    lengths: object = None  # row lengths when steps are grouped by length (packing off), else None
     _order: tuple = field(default=(None, None), repr=False, compare=False)  # ((seed, epoch), order) last built
 
     def epoch_order(self, data_seed: int, epoch: int) -> np.ndarray:
         """The epoch's row order, built once per epoch, not once per step (grouping 200k rows costs ~25 ms)."""
         if self._order[0] != (data_seed, epoch):
-            self._order = ((data_seed, epoch), epoch_order(self.rows, data_seed, epoch, self.lengths,
-                                                           self.rows_per_step))
+            self._order = (
+                (data_seed, epoch),
+                epoch_order(self.rows, data_seed, epoch, self.lengths, self.rows_per_step),
+            )
         return self._order[1]
 
 
@@ -68,8 +72,9 @@ def micro_batches(rows, state: TrainState, plan: Plan, recipe: Recipe, world: in
     return batches, sample_ids
 
 
-def train_step(accelerator, model, optimizer, batches: list[dict], max_grad_norm: float,
-               chunked_loss: bool = True) -> dict:
+def train_step(
+    accelerator, model, optimizer, batches: list[dict], max_grad_norm: float, chunked_loss: bool = True
+) -> dict:
     """One optimizer step over this rank's micro-batches.
 
     The loss is the sum of token losses divided by the target tokens of the whole step (all micro-batches,
@@ -107,6 +112,7 @@ def _engine_grad_norm(model) -> float:
 @dataclass
 class StopRequest:
     """Set by SIGTERM/SIGUSR1 (schedulers' preemption signals); the loop finishes the step, saves, exits."""
+
     signum: int | None = None
     previous: dict = field(default_factory=dict)
 
@@ -123,8 +129,18 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(recipe: Recipe, accelerator, model, optimizer, data, state: TrainState, plan: Plan, tracker, run: RunDir,
-          pad_id: int) -> dict:
+def train(
+    recipe: Recipe,
+    accelerator,
+    model,
+    optimizer,
+    data,
+    state: TrainState,
+    plan: Plan,
+    tracker,
+    run: RunDir,
+    pad_id: int,
+) -> dict:
     """Run optimizer steps until plan.total_steps over `data.train` (validating on `data.val`); returns the final
     metrics. Every rank runs this."""
     t = recipe.train
@@ -141,11 +157,17 @@ def train(recipe: Recipe, accelerator, model, optimizer, data, state: TrainState
             set_lr(optimizer, lr_at(state.step, t, plan.total_steps))
             batches, sample_ids = micro_batches(data.train, state, plan, recipe, world, rank, pad_id)
             out = train_step(accelerator, model, optimizer, batches, t.max_grad_norm, recipe.model.chunked_loss)
-            counts = step_counts(accelerator, batches, sample_ids, stop_requested=stop.signum is not None,
-                                 len_sq=meter.batches_len_sq(batches))
+            counts = step_counts(
+                accelerator,
+                batches,
+                sample_ids,
+                stop_requested=stop.signum is not None,
+                len_sq=meter.batches_len_sq(batches),
+            )
             _check_finite(out, state, sample_ids, world, tracker, t.max_bad_steps)
-            advance(state, plan, samples=int(counts["samples"]), tokens=int(counts["tokens"]),
-                    targets=int(out["targets"]))
+            advance(
+                state, plan, samples=int(counts["samples"]), tokens=int(counts["tokens"]), targets=int(out["targets"])
+            )
             dt = time.perf_counter() - t0
             window.add(counts, out["targets"], dt)
             meter.add(counts["tokens"], counts["len_sq"], dt)
@@ -162,8 +184,10 @@ def train(recipe: Recipe, accelerator, model, optimizer, data, state: TrainState
             if state.step % t.save_every == 0 or is_last or preempted:
                 checkpoint.save(accelerator, model, run.root, state, recipe, log=tracker.print)
             if preempted:
-                tracker.print(f"preempted (signal {stop.signum}): checkpoint saved at step {state.step}; "
-                              f"exiting with code {PREEMPTED_EXIT}; rerun the same command to resume")
+                tracker.print(
+                    f"preempted (signal {stop.signum}): checkpoint saved at step {state.step}; "
+                    f"exiting with code {PREEMPTED_EXIT}; rerun the same command to resume"
+                )
                 last["preempted"] = True
                 break
     finally:
@@ -176,11 +200,18 @@ COUNTS = ("rows", "tokens", "slots", "samples", "stop_votes", "len_sq")
 ranks that received a stop signal, and sum of squared sample lengths (attention FLOPs)."""
 
 
-def step_counts(accelerator, batches: list[dict], sample_ids: list[int], *, stop_requested: bool,
-                len_sq: float) -> dict[str, float]:
+def step_counts(
+    accelerator, batches: list[dict], sample_ids: list[int], *, stop_requested: bool, len_sq: float
+) -> dict[str, float]:
     """This step's counts (`COUNTS`), summed over all ranks in one all-reduce."""
-    local = [sum(int(b["n_rows"]) for b in batches), sum(int(b["n_tokens"]) for b in batches),
-             sum(b["input_ids"].numel() for b in batches), len(sample_ids), float(stop_requested), len_sq]
+    local = [
+        sum(int(b["n_rows"]) for b in batches),
+        sum(int(b["n_tokens"]) for b in batches),
+        sum(b["input_ids"].numel() for b in batches),
+        len(sample_ids),
+        float(stop_requested),
+        len_sq,
+    ]
     total = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum").tolist()
     return dict(zip(COUNTS, total))
 
@@ -188,6 +219,7 @@ def step_counts(accelerator, batches: list[dict], sample_ids: list[int], *, stop
 @dataclass
 class Window:
     """Counts since the last logged step, for the rates in that log row."""
+
     tokens: float = 0.0
     targets: float = 0.0
     slots: float = 0.0
@@ -203,19 +235,35 @@ class Window:
 
 
 def _train_metrics(state: TrainState, out: dict, window: Window, meter: FlopsMeter, t, plan: Plan) -> dict:
-    return {"epoch": state.epoch, "loss": out["loss"], "lr": lr_at(state.step - 1, t, plan.total_steps),
-            "grad_norm": out["grad_norm"], "tokens_per_s": window.tokens / window.time,
-            "target_tokens_per_s": window.targets / window.time,
-            "padding_frac": 1 - window.tokens / max(window.slots, 1),
-            "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
-            "mem_gib": peak_memory_gib(), "elapsed_s": state.wall_time, "skipped": state.skipped_steps,
-            **meter.metrics(window.tokens, window.len_sq, window.time)}
+    return {
+        "epoch": state.epoch,
+        "loss": out["loss"],
+        "lr": lr_at(state.step - 1, t, plan.total_steps),
+        "grad_norm": out["grad_norm"],
+        "tokens_per_s": window.tokens / window.time,
+        "target_tokens_per_s": window.targets / window.time,
+        "padding_frac": 1 - window.tokens / max(window.slots, 1),
+        "samples_seen": state.samples_seen,
+        "tokens_seen": state.tokens_seen,
+        "mem_gib": peak_memory_gib(),
+        "elapsed_s": state.wall_time,
+        "skipped": state.skipped_steps,
+        **meter.metrics(window.tokens, window.len_sq, window.time),
+    }
 
 
 def _validate(model, val_rows, t, accelerator, pad_id: int, state: TrainState, tracker) -> dict:
-    ev = dataset_loss(model, val_rows, batch_size=t.eval_batch_size, pad_id=pad_id, device=accelerator.device,
-                      rank=accelerator.process_index, world=accelerator.num_processes,
-                      reduce=lambda x: accelerator.reduce(x, reduction="sum"), max_batches=t.max_eval_batches)
+    ev = dataset_loss(
+        model,
+        val_rows,
+        batch_size=t.eval_batch_size,
+        pad_id=pad_id,
+        device=accelerator.device,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        reduce=lambda x: accelerator.reduce(x, reduction="sum"),
+        max_batches=t.max_eval_batches,
+    )
     tracker.log(state.step, {"epoch": state.epoch, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
     return {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}
 
@@ -230,12 +278,17 @@ def _check_finite(out: dict, state: TrainState, sample_ids: list[int], world: in
     state.skipped_steps += 1
     if world > 1:  # every rank is here: name all ranks' samples
         from accelerate.utils import gather_object
+
         sample_ids = gather_object(list(sample_ids))
-    tracker.print(f"step {state.step + 1}: non-finite loss/grad norm ({out['loss']}, {out['grad_norm']}); "
-                  f"step skipped; samples {sorted(sample_ids)[:20]}")
+    tracker.print(
+        f"step {state.step + 1}: non-finite loss/grad norm ({out['loss']}, {out['grad_norm']}); "
+        f"step skipped; samples {sorted(sample_ids)[:20]}"
+    )
     if state.bad_steps_in_row >= max_bad_steps:
-        raise NonFiniteLoss(f"{state.bad_steps_in_row} non-finite steps in a row at step {state.step + 1}; "
-                            "stopping. The last good checkpoint is kept; lower train.lr or check the data.")
+        raise NonFiniteLoss(
+            f"{state.bad_steps_in_row} non-finite steps in a row at step {state.step + 1}; "
+            "stopping. The last good checkpoint is kept; lower train.lr or check the data."
+        )
 
 
 def advance(state: TrainState, plan: Plan, *, samples: int, tokens: int, targets: int) -> None:
@@ -253,4 +306,5 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

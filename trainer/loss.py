@@ -1,6 +1,7 @@
 """The loss: next-token cross-entropy summed over target tokens (the loop normalises by the step's target count),
 the chunked cross-entropy that never builds the (tokens x vocab) logits, and the loss / perplexity of a dataset
 (used by the loop's validation and by `trainer eval`)."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ def token_loss_sum(model, batch: dict, chunked: bool = True) -> tuple[torch.Tens
         loss = ChunkedCrossEntropy.apply(hidden, head.weight, targets[mask], torch.is_grad_enabled())
         return loss, mask.sum()
     logits = out.logits
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return loss, (targets != IGNORE).sum()
 
 
@@ -43,8 +45,14 @@ def token_loss_sum(model, batch: dict, chunked: bool = True) -> tuple[torch.Tens
 # loss is one chunk of logits, and no FLOP is added (the softmax gradient is the usual one, just computed early).
 # Recipe key model.chunked_loss: false turns it off (the model's own logits and F.cross_entropy).
 CE_CHUNK_BYTES = 64 * 2**20  # fp32 logits alive at a time in the chunked cross-entropy
-LOGIT_SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-                      "lm_head_multiplier", "attn_logit_softcapping_final")
+LOGIT_SCALING_KEYS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "attn_logit_softcapping_final",
+)
 
 
 def plain_lm_head(model):
@@ -90,8 +98,10 @@ class lm_head_input:  # noqa: N801 - used as a context manager, like torch's
         if self.handle is not None:
             self.handle.remove()
         if len(self.captured) > 1:  # called more than once: not the plain forward this expects
-            raise UserError("lm_head ran more than once in one forward, which the chunked loss does not support "
-                            "for this model; set model.chunked_loss: false in the recipe")
+            raise UserError(
+                "lm_head ran more than once in one forward, which the chunked loss does not support "
+                "for this model; set model.chunked_loss: false in the recipe"
+            )
         return False
 
 
@@ -113,7 +123,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start:start + rows], targets[start:start + rows]
+            h, t = hidden[start : start + rows], targets[start : start + rows]
             logits = torch.matmul(h, weight.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
@@ -121,7 +131,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 if need_h:
-                    grad_h[start:start + rows] = torch.matmul(probs.to(weight.dtype), weight).to(grad_h.dtype)
+                    grad_h[start : start + rows] = torch.matmul(probs.to(weight.dtype), weight).to(grad_h.dtype)
                 if need_w:
                     grad_w += torch.matmul(probs.t().to(h.dtype), h).float()
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
@@ -141,8 +151,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 @torch.no_grad()
-def dataset_loss(model, rows, *, batch_size: int, pad_id: int, device, rank: int = 0, world: int = 1,
-                 reduce=None, max_batches: int | None = None) -> dict:
+def dataset_loss(
+    model,
+    rows,
+    *,
+    batch_size: int,
+    pad_id: int,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    reduce=None,
+    max_batches: int | None = None,
+) -> dict:
     """Mean next-token loss over every target token of `rows` (rank r takes rows r, r+world, ...).
 
     `reduce(tensor)` sums across ranks (accelerator.reduce); perplexity is exp(mean token loss).
@@ -154,7 +174,7 @@ def dataset_loss(model, rows, *, batch_size: int, pad_id: int, device, rank: int
         mine = mine[: max_batches * batch_size]
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for start in range(0, len(mine), batch_size):
-        batch = collate(rows.select(mine[start:start + batch_size]), pad_id)
+        batch = collate(rows.select(mine[start : start + batch_size]), pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         loss_sum, n = token_loss_sum(model, batch)
         totals += torch.stack([loss_sum.double(), n.double()])

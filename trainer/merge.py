@@ -5,6 +5,7 @@ adapter, so merging needs neither DeepSpeed nor the launch config. A QLoRA adapt
 4-bit weights; merging into the bf16/fp32 base is what users ship, and the logits difference to the 4-bit
 training model (the quantization error) is measured and reported, not hidden.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,11 @@ from trainer.model import default_device, load_tuned
 from trainer.run_dir import RunDir
 from trainer.tokenizer import save_tokenizer
 
-CHECK_PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?",
-                 "Write a haiku about the sea."]
+CHECK_PROMPTS = [
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+]
 
 
 def check_inputs(tokenizer, device) -> dict:
@@ -54,16 +58,22 @@ def merge_run(run_dir: Path, log=print) -> dict:
     with_adapter = logits_of(tuned, inputs)
     merged = tuned.merge_and_unload()
     merged_logits = logits_of(merged, inputs)
-    report = {"adapter": str(adapter), "dtype": recipe.model.dtype, "check_prompts": len(CHECK_PROMPTS),
-              "max_abs_diff_merged_vs_adapter": float((merged_logits - with_adapter).abs().max())}
+    report = {
+        "adapter": str(adapter),
+        "dtype": recipe.model.dtype,
+        "check_prompts": len(CHECK_PROMPTS),
+        "max_abs_diff_merged_vs_adapter": float((merged_logits - with_adapter).abs().max()),
+    }
     log(f"merge: max |logits(merged) - logits(base + adapter)| = {report['max_abs_diff_merged_vs_adapter']:.3g}")
     if recipe.model.quantization == "nf4":
         q = load_tuned(recipe, adapter, quantized=True, device_map={"": device})
         diff = (logits_of(q, inputs) - merged_logits).abs()
         report["max_abs_diff_merged_vs_4bit_training_model"] = float(diff.max())
         report["mean_abs_diff_merged_vs_4bit_training_model"] = float(diff.mean())
-        log(f"merge: max |logits(merged) - logits(4-bit base + adapter)| = {float(diff.max()):.3g} "
-            "(the NF4 quantization error: the adapter was trained against the 4-bit weights)")
+        log(
+            f"merge: max |logits(merged) - logits(4-bit base + adapter)| = {float(diff.max()):.3g} "
+            "(the NF4 quantization error: the adapter was trained against the 4-bit weights)"
+        )
         del q
     out = run.merged
     merged.save_pretrained(str(out), safe_serialization=True)

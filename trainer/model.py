@@ -1,6 +1,7 @@
 """Model: base weights (hub id / folder / GGUF; fp32/bf16/fp16/NF4), gradient checkpointing, peft LoRA.
 
 The loss lives in `trainer/loss.py`, the tokenizer in `trainer/tokenizer.py`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,12 @@ def load_base(cfg: ModelArgs, *, dtype: torch.dtype, quantize: bool, device_map=
     kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, **extra)
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
         kwargs["device_map"] = device_map if device_map is not None else {"": "cpu"}
     elif device_map is not None:
         kwargs["device_map"] = device_map
@@ -67,20 +72,25 @@ def build_model(cfg: ModelArgs, lora: LoraArgs | None, device_map=None, log=prin
     LoRA stores the frozen base in the compute dtype and the adapter in fp32."""
     compute = torch_dtype(cfg.dtype)
     quantize = cfg.quantization == "nf4"
-    model = load_base(cfg, dtype=compute if lora is not None else torch.float32, quantize=quantize,
-                      device_map=device_map)
+    model = load_base(
+        cfg, dtype=compute if lora is not None else torch.float32, quantize=quantize, device_map=device_map
+    )
     ckpt_kwargs = {"use_reentrant": False}
     if quantize:
         from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     if lora is not None:
         model = apply_lora(model, lora)
     trainable, total = count_parameters(model)
-    log(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
-        f"{', 4-bit NF4 base' if quantize else ''}{', full fine-tune' if lora is None else ''}")
+    log(
+        f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+        f"{', 4-bit NF4 base' if quantize else ''}{', full fine-tune' if lora is None else ''}"
+    )
     return model
 
 
@@ -88,8 +98,14 @@ def apply_lora(model, lora: LoraArgs):
     import peft
 
     target = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
-    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                             task_type="CAUSAL_LM", bias="none")
+    config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
     try:
         return peft.get_peft_model(model, config)
     except ValueError as err:

@@ -1,4 +1,5 @@
 """Optimizer and learning-rate schedule. The schedule is a pure function of the step: nothing to save."""
+
 from __future__ import annotations
 
 import math
@@ -48,6 +49,7 @@ def build_optimizer(model, cfg: TrainArgs):
         # fused runs one kernel for all parameters on GPU; foreach is the fast path on CPU
         return torch.optim.AdamW(groups, fused=on_cuda or None, foreach=None if on_cuda else True, **kwargs)
     import bitsandbytes as bnb
+
     cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
     return cls(groups, **kwargs)
 

@@ -1,4 +1,5 @@
 """Plots (matplotlib, Agg backend): training curves from metrics.csv and where LoRA acted, by layer and module."""
+
 from __future__ import annotations
 
 from pathlib import Path

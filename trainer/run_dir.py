@@ -16,6 +16,7 @@
 Nobody else spells these names; the inside of a checkpoint belongs to `checkpoint.py`, and reading what a run
 trained (recipe, adapter or model, tokenizer) for the post-training commands to `artifacts.py`.
 """
+
 from __future__ import annotations
 
 import shutil

@@ -1,5 +1,6 @@
 """The tokenizer a run trains with, decided in one place: loaded from the model, its pad token and chat template
 settled here (never inside the data step), and saved beside every artifact the run writes from here."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,9 @@ def load_tokenizer(name_or_path: str):
     try:
         tok = AutoTokenizer.from_pretrained(path, **extra)
     except OSError as err:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}': "
-                        f"{str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"model.name_or_path: cannot load a tokenizer from '{name_or_path}': {str(err).splitlines()[0]}"
+        ) from None
     if tok.pad_token is None:  # only an id to fill with; padding is masked by position, not by this id
         tok.pad_token = tok.eos_token
     return tok

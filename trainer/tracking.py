@@ -1,5 +1,6 @@
 """Metrics out: CSV, TensorBoard scalars and a rich progress bar. Built on rank 0 only (`make_tracker`
 returns a no-op elsewhere), so no other module has to ask which rank it is on before logging."""
+
 from __future__ import annotations
 
 import csv
@@ -8,13 +9,37 @@ from pathlib import Path
 
 from trainer.run_dir import RunDir
 
-CSV_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "target_tokens_per_s", "padding_frac",
-              "samples_seen", "tokens_seen", "mem_gib", "elapsed_s", "eval_loss", "eval_ppl", "skipped",
-              "tflops", "mfu"]  # model TFLOP/s per device; MFU only where the device's peak is known
-TB_NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-            "tokens_per_s": "train/tokens_per_s", "padding_frac": "train/padding_frac",
-            "mem_gib": "memory/peak_gib", "eval_loss": "eval/loss", "eval_ppl": "eval/ppl",
-            "tflops": "perf/model_tflops", "mfu": "perf/mfu"}
+CSV_FIELDS = [
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "target_tokens_per_s",
+    "padding_frac",
+    "samples_seen",
+    "tokens_seen",
+    "mem_gib",
+    "elapsed_s",
+    "eval_loss",
+    "eval_ppl",
+    "skipped",
+    "tflops",
+    "mfu",
+]  # model TFLOP/s per device; MFU only where the device's peak is known
+TB_NAMES = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "train/tokens_per_s",
+    "padding_frac": "train/padding_frac",
+    "mem_gib": "memory/peak_gib",
+    "eval_loss": "eval/loss",
+    "eval_ppl": "eval/ppl",
+    "tflops": "perf/model_tflops",
+    "mfu": "perf/mfu",
+}
 
 
 class Tracker:
@@ -32,8 +57,14 @@ class Tracker:
         self.progress = None
         if show_progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
             self.progress.start()
 
@@ -46,11 +77,14 @@ class Tracker:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(name, value, step)
         if self.progress is not None and "loss" in metrics:
-            self.progress.update(self.task, info=f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                                                 f"{metrics.get('tokens_per_s', 0):.0f} tok/s")
+            self.progress.update(
+                self.task,
+                info=f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {metrics.get('tokens_per_s', 0):.0f} tok/s",
+            )
         elif self.progress is not None and "eval_loss" in metrics:
-            self.progress.console.print(f"step {step}: eval loss {metrics['eval_loss']:.4f} "
-                                        f"ppl {metrics['eval_ppl']:.2f}")
+            self.progress.console.print(
+                f"step {step}: eval loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
+            )
 
     def advance(self, step: int) -> None:
         if self.progress is not None:

@@ -3,6 +3,7 @@
 config -> accelerator -> run folder / resume decision -> tokenizer -> data -> model -> optimizer
 -> accelerator.prepare -> checkpoint.load -> loop.train -> final adapter + run_summary.json
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,10 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
         run.config.write_text(dump_yaml(recipe))
     tracker = make_tracker(accelerator.is_main_process, run, plan.total_steps, state.step, show_progress)
     info = world_info(accelerator)
-    log(f"train: {plan.total_steps} steps of {plan.rows_per_step} rows ({plan.steps_per_epoch} per epoch), "
-        f"{info['world_size']} process(es), {info['distributed_type']}")
+    log(
+        f"train: {plan.total_steps} steps of {plan.rows_per_step} rows ({plan.steps_per_epoch} per epoch), "
+        f"{info['world_size']} process(es), {info['distributed_type']}"
+    )
     before = {"step": state.step, "tokens": state.tokens_seen, "wall": state.wall_time}
     try:
         last = train(recipe, accelerator, model, optimizer, data, state, plan, tracker, run, tokenizer.pad_token_id)
@@ -58,11 +61,21 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
         tracker.close()
     if not last.get("preempted"):
         _save_final(accelerator, model, tokenizer, run)  # every rank: the adapter is gathered collectively
-    summary = _summary(accelerator, state, last, before, data.stats, started=started, model_load_s=model_load_s,
-                       data_prepare_s=data_prepare_s)
+    summary = _summary(
+        accelerator,
+        state,
+        last,
+        before,
+        data.stats,
+        started=started,
+        model_load_s=model_load_s,
+        data_prepare_s=data_prepare_s,
+    )
     if summary.get("mfu") is not None:
-        log(f"train: {summary['tflops']:.1f} model TFLOP/s per device, MFU {summary['mfu']:.1%} "
-            f"(peak {summary['mfu_peak']}, {recipe.model.dtype})")
+        log(
+            f"train: {summary['tflops']:.1f} model TFLOP/s per device, MFU {summary['mfu']:.1%} "
+            f"(peak {summary['mfu_peak']}, {recipe.model.dtype})"
+        )
     if accelerator.is_main_process:
         run.summary.write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
@@ -93,28 +106,52 @@ def _setup_model(recipe: Recipe, accelerator, log):
     return model, optimizer, seconds
 
 
-def _summary(accelerator, state: TrainState, last: dict, before: dict, data_stats: dict, *, started: float,
-             model_load_s: float, data_prepare_s: float) -> dict:
+def _summary(
+    accelerator,
+    state: TrainState,
+    last: dict,
+    before: dict,
+    data_stats: dict,
+    *,
+    started: float,
+    model_load_s: float,
+    data_prepare_s: float,
+) -> dict:
     """run_summary.json: where the run ended, throughput of this session, timings, final losses and FLOP rates."""
-    return {**world_info(accelerator), "steps": state.step, "epochs_completed": state.epoch,
-            "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen,
-            "target_tokens_seen": state.target_tokens_seen, "skipped_steps": state.skipped_steps,
-            "train_wall_s": round(state.wall_time, 3), "process_wall_s": round(time.perf_counter() - started, 3),
-            "tokens_per_s": round((state.tokens_seen - before["tokens"]) / max(state.wall_time - before["wall"], 1e-9),
-                                  2),
-            "steps_this_session": state.step - before["step"], "peak_mem_gib": round(peak_memory_gib(), 3),
-            "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
-            "final_eval_ppl": last.get("eval_ppl"), "data": data_stats, "preempted": bool(last.get("preempted")),
-            "model_load_s": round(model_load_s, 3), "data_prepare_s": round(data_prepare_s, 3),
-            **last.get("flops", {})}  # model_flops_per_token, tflops (per device); mfu, mfu_peak on known GPUs
+    return {
+        **world_info(accelerator),
+        "steps": state.step,
+        "epochs_completed": state.epoch,
+        "samples_seen": state.samples_seen,
+        "tokens_seen": state.tokens_seen,
+        "target_tokens_seen": state.target_tokens_seen,
+        "skipped_steps": state.skipped_steps,
+        "train_wall_s": round(state.wall_time, 3),
+        "process_wall_s": round(time.perf_counter() - started, 3),
+        "tokens_per_s": round((state.tokens_seen - before["tokens"]) / max(state.wall_time - before["wall"], 1e-9), 2),
+        "steps_this_session": state.step - before["step"],
+        "peak_mem_gib": round(peak_memory_gib(), 3),
+        "final_loss": last.get("loss"),
+        "final_eval_loss": last.get("eval_loss"),
+        "final_eval_ppl": last.get("eval_ppl"),
+        "data": data_stats,
+        "preempted": bool(last.get("preempted")),
+        "model_load_s": round(model_load_s, 3),
+        "data_prepare_s": round(data_prepare_s, 3),
+        **last.get("flops", {}),
+    }  # model_flops_per_token, tflops (per device); mfu, mfu_peak on known GPUs
 
 
 def _setup_accelerator(recipe: Recipe):
     t = recipe.train
     if recipe.model.dtype == "fp16" and not torch.cuda.is_available():
         raise UserError("model.dtype=fp16 needs a GPU; on CPU use bf16 or fp32")
-    return build_accelerator(grad_accum=t.grad_accum, mixed_precision=MIXED_PRECISION[recipe.model.dtype],
-                             micro_batch_size=t.micro_batch_size, max_grad_norm=t.max_grad_norm)
+    return build_accelerator(
+        grad_accum=t.grad_accum,
+        mixed_precision=MIXED_PRECISION[recipe.model.dtype],
+        micro_batch_size=t.micro_batch_size,
+        max_grad_norm=t.max_grad_norm,
+    )
 
 
 def _setup_resume(run: RunDir, recipe: Recipe, resume: str | None, fresh: bool, accelerator, log):
@@ -162,11 +199,15 @@ def resume_topology_problem(saved: dict, now: dict) -> str | None:
         return "a single process" if kind == "NO" else f"{kind.replace('DEEPSPEED', 'DeepSpeed')} with {n} processes"
 
     if was_ds:
-        return (f"saved by {launch('DEEPSPEED', then_n)}, but this launch is {launch(now['distributed_type'], now_n)}; "
-                f"ZeRO optimizer shards load only under DeepSpeed with the same number of processes: relaunch with the "
-                f"DeepSpeed accelerate config and --num_processes {then_n}, or start over with --fresh")
-    return (f"saved by {launch(saved['distributed_type'], then_n)}, but this launch uses DeepSpeed, which cannot load "
-            f"it; relaunch without DeepSpeed (any number of processes resumes it), or start over with --fresh")
+        return (
+            f"saved by {launch('DEEPSPEED', then_n)}, but this launch is {launch(now['distributed_type'], now_n)}; "
+            f"ZeRO optimizer shards load only under DeepSpeed with the same number of processes: relaunch with the "
+            f"DeepSpeed accelerate config and --num_processes {then_n}, or start over with --fresh"
+        )
+    return (
+        f"saved by {launch(saved['distributed_type'], then_n)}, but this launch uses DeepSpeed, which cannot load "
+        f"it; relaunch without DeepSpeed (any number of processes resumes it), or start over with --fresh"
+    )
 
 
 def _device_map(recipe: Recipe, accelerator):
@@ -195,4 +236,5 @@ def _logger(accelerator):
     def log(message: str) -> None:
         if accelerator.is_main_process:
             print(message, flush=True)
+
     return log

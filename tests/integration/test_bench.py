@@ -1,5 +1,6 @@
 """bench/vs_trl.py's harness on the tiny model, trainer side only (TRL is a bench extra, not installed in CI).
 Checks the figures the README table is built from, not any speed: speed is the benchmark's job."""
+
 import json
 import subprocess
 import sys
@@ -14,9 +15,25 @@ import vs_trl  # noqa: E402
 
 def test_trainer_run_is_counted_and_reported(tmp_path):
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "vs_trl.py"), "--tiny", "--rows", "40", "--tools",
-                           "trainer", "--eval-rows", "8", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "vs_trl.py"),
+            "--tiny",
+            "--rows",
+            "40",
+            "--tools",
+            "trainer",
+            "--eval-rows",
+            "8",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [result_json] = out.glob("vs_trl-*.json")
     [result_md] = out.glob("vs_trl-*.md")
@@ -30,7 +47,8 @@ def test_trainer_run_is_counted_and_reported(tmp_path):
     assert len(r["losses"]) == r["steps"] and r["final_loss"] == pytest.approx(r["losses"][-1], rel=1e-4)
     assert r["process_wall_s"] > r["train_s"] > 0 and r["peak_rss_gib"] > 0.1
     assert r["flops_per_token"] > 0 and r["tflops"] == pytest.approx(
-        r["flops_per_token"] * r["real_tokens"] / r["train_s"] / 1e12, rel=1e-6)
+        r["flops_per_token"] * r["real_tokens"] / r["train_s"] / 1e12, rel=1e-6
+    )
     assert set(payload["heldout"]) == {"base", "trainer"}
     assert payload["heldout"]["trainer"]["heldout_tokens"] == payload["heldout"]["base"]["heldout_tokens"] > 0
     assert "| trainer |" in result_md.read_text()
@@ -40,8 +58,12 @@ def test_ratios_are_theirs_over_ours():
     ours = {"rc": 0, "process_wall_s": 100.0, "train_s": 80.0, "real_tokens": 8000, "peak_rss_gib": 1.0}
     theirs = {"rc": 0, "process_wall_s": 250.0, "train_s": 200.0, "real_tokens": 8000, "peak_rss_gib": 2.0}
     rat = vs_trl.ratios({"trainer": ours, "trl-default": theirs})["trl-default"]
-    assert rat == {"whole_process_speedup": 2.5, "training_speedup": 2.5, "real_tokens_per_s_ratio": 2.5,
-                   "peak_rss_ratio": 0.5}
+    assert rat == {
+        "whole_process_speedup": 2.5,
+        "training_speedup": 2.5,
+        "real_tokens_per_s_ratio": 2.5,
+        "peak_rss_ratio": 0.5,
+    }
 
 
 def test_model_flops_of_every_tool_use_trainers_flops_per_token_and_peak():

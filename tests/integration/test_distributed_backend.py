@@ -9,6 +9,7 @@ parameters on both ranks (so gradients really were reduced), the ZeRO-2 optimize
 trainable parameters per rank) and that DDP and ZeRO-2 end with the same weights (same loss scaling).
 Plus quick in-process checks of how "auto" values in the DeepSpeed json are filled.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ pytest.importorskip("accelerate")
 pytest.importorskip("deepspeed")
 pytest.importorskip("peft")
 
-WORKER = r'''
+WORKER = r"""
 import hashlib, json, os, sys, time
 t0 = time.time()
 import torch
@@ -102,7 +103,7 @@ info["wall_s"] = round(time.time() - t0, 2)
 with open(os.path.join(out_dir, f"rank{acc.process_index}.json"), "w") as f:
     json.dump(info, f)
 acc.end_training()
-'''
+"""
 
 
 def free_port() -> int:
@@ -112,10 +113,25 @@ def free_port() -> int:
 
 
 def clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR",
-                        "MASTER_PORT", "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "CUDA_VISIBLE_DEVICES")
-           and not k.startswith("ACCELERATE_DEEPSPEED") and not k.startswith("ACCELERATE_CONFIG")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "GROUP_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "ACCELERATE_USE_CPU",
+            "ACCELERATE_USE_DEEPSPEED",
+            "CUDA_VISIBLE_DEVICES",
+        )
+        and not k.startswith("ACCELERATE_DEEPSPEED")
+        and not k.startswith("ACCELERATE_CONFIG")
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
@@ -125,8 +141,9 @@ def clean_env() -> dict:
 
 def run_bounded(cmd: list[str], *, cwd: Path, env: dict, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
     """Run in its own session; on timeout kill the whole group (launcher and its workers)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -141,9 +158,21 @@ def launch(config: str, tmp: Path) -> list[dict]:
     script.write_text(WORKER)
     out = tmp / "out"
     out.mkdir()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"accelerate_configs/{config}",
-           "--main_process_port", str(free_port()), str(script), str(out),
-           str(GRAD_ACCUM), str(MICRO_BATCH), str(STEPS), str(MAX_GRAD_NORM)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        f"accelerate_configs/{config}",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        str(out),
+        str(GRAD_ACCUM),
+        str(MICRO_BATCH),
+        str(STEPS),
+        str(MAX_GRAD_NORM),
+    ]
     t0 = time.perf_counter()
     res = run_bounded(cmd, cwd=ROOT, env=clean_env())  # CWD = repo root: the yaml's json path is relative
     wall = time.perf_counter() - t0
@@ -193,9 +222,12 @@ def test_deepspeed_zero2_on_cpu_over_gloo(zero2_run):
         assert r["dp_world_size"] == WORLD
         assert r["global_steps"] == STEPS
         # "auto" values filled from build_accelerator's arguments, train_batch_size with the true world size.
-        assert r["ds_config"] == {"train_batch_size": MICRO_BATCH * GRAD_ACCUM * WORLD,
-                                  "train_micro_batch_size_per_gpu": MICRO_BATCH,
-                                  "gradient_accumulation_steps": GRAD_ACCUM, "gradient_clipping": MAX_GRAD_NORM}
+        assert r["ds_config"] == {
+            "train_batch_size": MICRO_BATCH * GRAD_ACCUM * WORLD,
+            "train_micro_batch_size_per_gpu": MICRO_BATCH,
+            "gradient_accumulation_steps": GRAD_ACCUM,
+            "gradient_clipping": MAX_GRAD_NORM,
+        }
         assert r["ds_bf16"] is False
         # ZeRO-2: this rank's fp32 optimizer partition is half the trainable parameters (plus alignment padding).
         n = r["n_trainable"]
@@ -226,12 +258,14 @@ def test_ddp_and_zero2_reach_the_same_weights(ddp_run, zero2_run):
 
 def test_plain_single_process(tmp_path):
     """`python script.py`: no launcher, one process, no process group."""
-    code = ("from trainer.distributed import build_accelerator, world_info, is_main, main_first\n"
-            "import json\n"
-            "a = build_accelerator(grad_accum=2, mixed_precision='no', micro_batch_size=4, max_grad_norm=1.0)\n"
-            "with main_first(a):\n"
-            "    pass\n"
-            "print(json.dumps({**world_info(a), 'is_main': is_main(a), 'ga': a.gradient_accumulation_steps}))\n")
+    code = (
+        "from trainer.distributed import build_accelerator, world_info, is_main, main_first\n"
+        "import json\n"
+        "a = build_accelerator(grad_accum=2, mixed_precision='no', micro_batch_size=4, max_grad_norm=1.0)\n"
+        "with main_first(a):\n"
+        "    pass\n"
+        "print(json.dumps({**world_info(a), 'is_main': is_main(a), 'ga': a.gradient_accumulation_steps}))\n"
+    )
     res = run_bounded([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(), timeout=120)
     assert res.returncode == 0, res.stdout[-4000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
@@ -249,8 +283,9 @@ def test_fill_deepspeed_config_fills_every_auto():
 
     for name in ("zero2.json", "zero2_offload.json"):
         cfg = json.loads((ROOT / "ds_configs" / name).read_text())
-        fill_deepspeed_config(cfg, grad_accum=4, mixed_precision="bf16", micro_batch_size=2, max_grad_norm=1.0,
-                              world_size=16)
+        fill_deepspeed_config(
+            cfg, grad_accum=4, mixed_precision="bf16", micro_batch_size=2, max_grad_norm=1.0, world_size=16
+        )
         assert "auto" not in json.dumps(cfg), name
         assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["gradient_accumulation_steps"] == 4
         assert cfg["train_batch_size"] == 2 * 4 * 16 and cfg["gradient_clipping"] == 1.0
@@ -266,14 +301,16 @@ def test_fill_deepspeed_config_refuses_disagreement():
     cfg["gradient_accumulation_steps"] = 8
     cfg["bf16"]["enabled"] = True
     with pytest.raises(UserError) as err:
-        fill_deepspeed_config(cfg, grad_accum=4, mixed_precision="no", micro_batch_size=2, max_grad_norm=1.0,
-                              world_size=2)
+        fill_deepspeed_config(
+            cfg, grad_accum=4, mixed_precision="no", micro_batch_size=2, max_grad_norm=1.0, world_size=2
+        )
     lines = str(err.value).splitlines()
     assert len(lines) == 2 and "gradient_accumulation_steps=8" in lines[0] and "bf16.enabled" in lines[1]
     # Explicit values that agree are fine; missing keys are added.
     cfg = {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.0, "train_micro_batch_size_per_gpu": 2}
-    fill_deepspeed_config(cfg, grad_accum=1, mixed_precision="fp16", micro_batch_size=2, max_grad_norm=0.0,
-                          world_size=1)
+    fill_deepspeed_config(
+        cfg, grad_accum=1, mixed_precision="fp16", micro_batch_size=2, max_grad_norm=0.0, world_size=1
+    )
     assert cfg["fp16"] == {"enabled": True} and cfg["bf16"] == {"enabled": False} and cfg["train_batch_size"] == 2
 
 
@@ -282,10 +319,16 @@ def test_accelerate_configs_point_at_existing_ds_json():
 
     for path in sorted((ROOT / "accelerate_configs").glob("*.yaml")):
         cfg = yaml.safe_load(path.read_text())
-        ds = (cfg.get("deepspeed_config") or {})
+        ds = cfg.get("deepspeed_config") or {}
         if cfg["distributed_type"] == "DEEPSPEED":
             assert (ROOT / ds["deepspeed_config_file"]).is_file(), path.name
             # With deepspeed_config_file, accelerate raises on these (DeepSpeedPlugin._deepspeed_config_checks).
-            banned = {"gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
-                      "offload_param_device", "zero3_save_16bit_model"}
+            banned = {
+                "gradient_accumulation_steps",
+                "gradient_clipping",
+                "zero_stage",
+                "offload_optimizer_device",
+                "offload_param_device",
+                "zero3_save_16bit_model",
+            }
             assert not banned & set(ds) and "mixed_precision" not in cfg, path.name

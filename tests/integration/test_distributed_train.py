@@ -14,6 +14,7 @@ partitions the optimizer (one shard per rank, half each) and resumes exactly, a 
 up front at another world size, and the adapter saved under bf16 DeepSpeed is the exact fp32 master.
 Plus in-process checks of `loop.micro_batches` (data split) and of the resume-topology rule.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,8 @@ from tests.integration.test_distributed_backend import clean_env, free_port, run
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
-MICRO, ACCUM = 2, 2                  # per rank; the global batch is MICRO * ACCUM * WORLD = 8 rows
-N_ROWS = 64                          # Alpaca rows -> 51 train samples at max_seq_len 64: 7 steps, the last one short
+MICRO, ACCUM = 2, 2  # per rank; the global batch is MICRO * ACCUM * WORLD = 8 rows
+N_ROWS = 64  # Alpaca rows -> 51 train samples at max_seq_len 64: 7 steps, the last one short
 LAUNCH_TIMEOUT_S = 300
 # Tolerances, from what these runs measure (fp32, lr 1e-2, 7 AdamW steps, clipping active):
 # * metrics.csv loss / grad_norm / eval_loss (kept to 6 decimals): 1 vs 2 processes and DDP vs ZeRO-2 differ by at
@@ -54,9 +55,22 @@ def recipe(model_dir: Path, data: Path, out: Path, **sections) -> dict:
     base = dict(
         data={"max_seq_len": 64, "packing": True, "val_fraction": 0.1},
         # constant LR: a run resumed with another max_steps follows the same schedule as an uninterrupted one
-        train={"epochs": 1, "max_steps": None, "micro_batch_size": MICRO, "grad_accum": ACCUM, "lr": 1e-2,
-               "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 0.5, "log_every": 1,
-               "eval_every": 4, "save_every": 2, "keep_last": 10, "seed": 0})
+        train={
+            "epochs": 1,
+            "max_steps": None,
+            "micro_batch_size": MICRO,
+            "grad_accum": ACCUM,
+            "lr": 1e-2,
+            "scheduler": "constant",
+            "warmup_ratio": 0.0,
+            "max_grad_norm": 0.5,
+            "log_every": 1,
+            "eval_every": 4,
+            "save_every": 2,
+            "keep_last": 10,
+            "seed": 0,
+        },
+    )
     for name, changes in sections.items():
         base[name] = {**base.get(name, {}), **changes} if isinstance(changes, dict) else changes
     return tiny_recipe(model_dir, data, out, **base)
@@ -74,6 +88,7 @@ class Run:
 
     def metrics(self) -> list[dict]:
         from trainer.tracking import read_metrics
+
         return read_metrics(self.dir / "metrics.csv")
 
     def train_rows(self) -> list[dict]:
@@ -84,6 +99,7 @@ class Run:
 
     def adapter(self, where: str = "adapter") -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
+
         return load_file(self.dir / where / "adapter_model.safetensors")
 
 
@@ -97,8 +113,16 @@ def train_cli(tmp: Path, raw: dict, config: str | None, *extra: str, expect: int
     if config is None:
         cmd = [sys.executable, *cli]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"accelerate_configs/{config}",
-               "--main_process_port", str(free_port()), *cli]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            f"accelerate_configs/{config}",
+            "--main_process_port",
+            str(free_port()),
+            *cli,
+        ]
     t0 = time.perf_counter()
     res = run_bounded(cmd, cwd=ROOT, env=clean_env(), timeout=LAUNCH_TIMEOUT_S)
     run = Run(Path(raw["output_dir"]), res, time.perf_counter() - t0)
@@ -128,7 +152,7 @@ def fp32_masters(ckpt: Path) -> dict[str, torch.Tensor]:
         offset = 0
         for name, shape in group_shapes.items():
             n = math.prod(shape)
-            out[name.replace(".default", "")] = flat[offset:offset + n].detach().view(shape)
+            out[name.replace(".default", "")] = flat[offset : offset + n].detach().view(shape)
             offset += n
     return out
 
@@ -187,8 +211,9 @@ def zero2_resumed(work, zero2, tiny_model_dir, data_path) -> Run:
 
 @pytest.fixture(scope="module")
 def qlora_ddp(work, tiny_model_dir, data_path) -> Run:
-    raw = recipe(tiny_model_dir, data_path, work / "qlora-ddp" / "run", model={"quantization": "nf4"},
-                 train={"max_steps": 2})
+    raw = recipe(
+        tiny_model_dir, data_path, work / "qlora-ddp" / "run", model={"quantization": "nf4"}, train={"max_steps": 2}
+    )
     return train_cli(work / "qlora-ddp", raw, "cpu_gloo_ddp.yaml")
 
 
@@ -196,8 +221,13 @@ def qlora_ddp(work, tiny_model_dir, data_path) -> Run:
 def qlora_zero2(work, tiny_model_dir, data_path) -> Run:
     """QLoRA under ZeRO-2 in bf16 (the GPU setting): DeepSpeed keeps bf16 copies in the module, fp32 masters
     in its partitions."""
-    raw = recipe(tiny_model_dir, data_path, work / "qlora-zero2" / "run",
-                 model={"quantization": "nf4", "dtype": "bf16"}, train={"max_steps": 2})
+    raw = recipe(
+        tiny_model_dir,
+        data_path,
+        work / "qlora-zero2" / "run",
+        model={"quantization": "nf4", "dtype": "bf16"},
+        train={"max_steps": 2},
+    )
     return train_cli(work / "qlora-zero2", raw, "cpu_gloo_zero2.yaml")
 
 
@@ -244,8 +274,14 @@ def test_one_epoch_trains_on_every_sample_once(name, request):
 @pytest.mark.parametrize("name", LAUNCHES)
 def test_only_rank0_writes_run_files(name, request):
     run: Run = request.getfixturevalue(name)
-    assert sorted(p.name for p in run.dir.iterdir()) == ["adapter", "checkpoints", "config.yaml", "metrics.csv",
-                                                        "run_summary.json", "tensorboard"]
+    assert sorted(p.name for p in run.dir.iterdir()) == [
+        "adapter",
+        "checkpoints",
+        "config.yaml",
+        "metrics.csv",
+        "run_summary.json",
+        "tensorboard",
+    ]
     lines = (run.dir / "metrics.csv").read_text().splitlines()
     assert sum(line.startswith("step,") for line in lines) == 1
     steps = run.summary["steps"]
@@ -315,8 +351,13 @@ def test_zero2_checkpoint_resumes_under_zero2(zero2_resumed, zero2):
     assert_close_columns(zero2_resumed.column("grad_norm"), zero2.column("grad_norm")[2:4], LOSS_RTOL, "grad_norm")
     # Measured: bit-identical (same world size, same reduction order); the bound is the one asked for.
     assert max_abs_diff(zero2_resumed.adapter(), zero2.adapter("checkpoints/step-4/adapter")) <= 1e-6
-    assert max_abs_diff(fp32_masters(zero2_resumed.dir / "checkpoints" / "step-4"),
-                        fp32_masters(zero2.dir / "checkpoints" / "step-4")) <= 1e-6
+    assert (
+        max_abs_diff(
+            fp32_masters(zero2_resumed.dir / "checkpoints" / "step-4"),
+            fp32_masters(zero2.dir / "checkpoints" / "step-4"),
+        )
+        <= 1e-6
+    )
 
 
 @slow
@@ -348,8 +389,9 @@ def test_qlora_under_zero2_bf16_saves_the_exact_fp32_adapter(qlora_zero2):
     assert "4-bit NF4 base" in qlora_zero2.out
     assert all(math.isfinite(x) for x in qlora_zero2.column("loss"))
     ckpt = qlora_zero2.dir / "checkpoints" / "step-2"
-    assert [p.name for p in zero_shards(ckpt)] == [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-                                                   for r in range(WORLD)]
+    assert [p.name for p in zero_shards(ckpt)] == [
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(WORLD)
+    ]
     masters = fp32_masters(ckpt)
     for where in ("adapter", "checkpoints/step-2/adapter"):
         adapter = qlora_zero2.adapter(where)
@@ -372,16 +414,25 @@ def test_micro_batches_split_one_global_order_by_rank(n_rows, micro, accum):
     from trainer.state import TrainState
 
     sids = [[3 * i, 3 * i + 1] if i % 3 else [3 * i] for i in range(n_rows)]  # 1 or 2 samples per row
-    rows = datasets.Dataset.from_dict({"input_ids": [[5] * (1 + i % 7) for i in range(n_rows)],
-                                       "labels": [[5] * (1 + i % 7) for i in range(n_rows)],
-                                       "position_ids": [list(range(1 + i % 7)) for i in range(n_rows)],
-                                       "sample_ids": sids})
+    rows = datasets.Dataset.from_dict(
+        {
+            "input_ids": [[5] * (1 + i % 7) for i in range(n_rows)],
+            "labels": [[5] * (1 + i % 7) for i in range(n_rows)],
+            "position_ids": [list(range(1 + i % 7)) for i in range(n_rows)],
+            "sample_ids": sids,
+        }
+    )
     every = sorted(s for row in sids for s in row)
 
     def epoch(world: int, grad_accum: int) -> list[list[list[int]]]:
-        r = recipe_from_dict(tiny_recipe(Path("m"), Path("d.json"), Path("o"),
-                                         train={"micro_batch_size": micro, "grad_accum": grad_accum, "max_steps": None,
-                                                "seed": 7}))
+        r = recipe_from_dict(
+            tiny_recipe(
+                Path("m"),
+                Path("d.json"),
+                Path("o"),
+                train={"micro_batch_size": micro, "grad_accum": grad_accum, "max_steps": None, "seed": 7},
+            )
+        )
         plan = make_plan(n_rows, r, world)
         state, steps = TrainState(data_seed=7), []
         while state.epoch == 0:
@@ -428,12 +479,13 @@ def test_estimator_bytes_match_the_real_zero2_run(zero2, tiny_model_dir):
     n_trainable = sum(t.numel() for t in adapter.values())
     recipe = load_recipe(zero2.dir / "config.yaml")
     est = estimate(recipe, load_model_config(str(tiny_model_dir)), gpus=WORLD, gpu_mem_gib=1.0, zero_stage=2)
-    assert est.trainable_weights == n_trainable * 4          # LoRA weights in fp32, whole on every rank
+    assert est.trainable_weights == n_trainable * 4  # LoRA weights in fp32, whole on every rank
     for shard in zero_shards(ckpt):
         sd = load_ds(shard)["optimizer_state_dict"]
         numel = sum(t.numel() for t in sd["single_partition_of_fp32_groups"])
         assert numel == zero2_partition_numel(n_trainable, WORLD)
         state = sd["base_optimizer_state"]["state"]
-        adam_bytes = sum(t.numel() * t.element_size() for s in state.values() for k, t in s.items()
-                         if k in ("exp_avg", "exp_avg_sq"))
-        assert adam_bytes == est.optimizer_states           # 2 fp32 moments of this rank's partition
+        adam_bytes = sum(
+            t.numel() * t.element_size() for s in state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")
+        )
+        assert adam_bytes == est.optimizer_states  # 2 fp32 moments of this rank's partition

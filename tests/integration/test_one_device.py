@@ -1,4 +1,5 @@
 """The one-device stage on a tiny trained run: merge, eval, weight deltas, chat adapter switching, GGUF export."""
+
 import csv
 import json
 import math
@@ -15,28 +16,44 @@ from tests.conftest import tiny_recipe, write_jsonl
 
 def task_rows(n=80):
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
-    return [{"prompt": f"Repeat twice: {words[i % 10]} {words[(i * 3) % 10]}",
-             "completion": f"{words[i % 10]} {words[(i * 3) % 10]} {words[i % 10]} {words[(i * 3) % 10]}"}
-            for i in range(n)]
+    return [
+        {
+            "prompt": f"Repeat twice: {words[i % 10]} {words[(i * 3) % 10]}",
+            "completion": f"{words[i % 10]} {words[(i * 3) % 10]} {words[i % 10]} {words[(i * 3) % 10]}",
+        }
+        for i in range(n)
+    ]
 
 
 def train_cli(tmp, model_dir, name, **sections):
     data = write_jsonl(tmp / "task.jsonl", task_rows())
-    raw = tiny_recipe(model_dir, data, tmp / name, **{
-        "data": {"max_seq_len": 64, "val_fraction": 0.1, "test_fraction": 0.2},
-        "train": {"max_steps": 6, "lr": 1e-2, "save_every": 6, "eval_every": 6},
-        "generation": {"max_new_tokens": 8, "num_samples": 2}, **sections})
+    raw = tiny_recipe(
+        model_dir,
+        data,
+        tmp / name,
+        **{
+            "data": {"max_seq_len": 64, "val_fraction": 0.1, "test_fraction": 0.2},
+            "train": {"max_steps": 6, "lr": 1e-2, "save_every": 6, "eval_every": 6},
+            "generation": {"max_new_tokens": 8, "num_samples": 2},
+            **sections,
+        },
+    )
     recipe = tmp / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    out = subprocess.run([sys.executable, "-m", "trainer", "train", str(recipe), "--no-progress"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer", "train", str(recipe), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp / name
 
 
 def cli(*args):
-    out = subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -48,6 +65,7 @@ def lora_run(tmp_path_factory, tiny_model_dir):
 
 def prompt_ids(model_dir):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(model_dir)
     return torch.tensor([tok("Repeat twice: golf hotel")["input_ids"]])
 
@@ -59,6 +77,7 @@ def test_merge_matches_base_plus_adapter(lora_run, tiny_model_dir):
     assert report["max_abs_diff_merged_vs_adapter"] < 1e-4  # fp32 rounding; logits here reach ~30
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     x = prompt_ids(lora_run / "merged")
     merged = AutoModelForCausalLM.from_pretrained(lora_run / "merged").eval()
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_run / "adapter").eval()
@@ -69,14 +88,21 @@ def test_merge_matches_base_plus_adapter(lora_run, tiny_model_dir):
 
 
 def test_qlora_adapter_merges_into_unquantized_base(tmp_path, tiny_model_dir):
-    run = train_cli(tmp_path, tiny_model_dir, "qlora", model={"name_or_path": str(tiny_model_dir),
-                                                              "quantization": "nf4", "gradient_checkpointing": False})
+    run = train_cli(
+        tmp_path,
+        tiny_model_dir,
+        "qlora",
+        model={"name_or_path": str(tiny_model_dir), "quantization": "nf4", "gradient_checkpointing": False},
+    )
     cli("merge", run)
     report = json.loads((run / "merged" / "merge_report.json").read_text())
-    assert report["max_abs_diff_merged_vs_adapter"] < 1e-4  # fp32 rounding; logits here reach ~30  # merged == unquantized base + adapter
+    assert (
+        report["max_abs_diff_merged_vs_adapter"] < 1e-4
+    )  # fp32 rounding; logits here reach ~30  # merged == unquantized base + adapter
     # The 4-bit training model differs by the NF4 quantization error: reported, and not zero.
     assert 0 < report["max_abs_diff_merged_vs_4bit_training_model"] < 50
     from transformers import AutoModelForCausalLM
+
     merged = AutoModelForCausalLM.from_pretrained(run / "merged")
     assert all(p.dtype == torch.float32 for p in merged.parameters())
 
@@ -95,9 +121,11 @@ def test_eval_report_and_perplexity_is_exp_mean_token_loss(lora_run, tiny_model_
     # Independent: HF's own mean loss per test sample, weighted by its target count, on base + adapter.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     from trainer.config import load_recipe
     from trainer.data import prepare_data
     from trainer.tokenizer import load_tokenizer
+
     recipe = load_recipe(lora_run / "config.yaml")
     tok = load_tokenizer(str(lora_run / "adapter"))
     test = prepare_data(recipe.data, tok, log=lambda m: None).test
@@ -129,11 +157,17 @@ def test_weight_deltas_equal_direct_computation(lora_run):
 
 
 def test_chat_adapter_switching_gives_each_adapters_logits(lora_run, tmp_path, tiny_model_dir):
-    other = train_cli(tmp_path, tiny_model_dir, "other", train={"max_steps": 3, "lr": 3e-2, "seed": 5,
-                                                               "save_every": 3, "eval_every": 3})
+    other = train_cli(
+        tmp_path,
+        tiny_model_dir,
+        "other",
+        train={"max_steps": 3, "lr": 3e-2, "seed": 5, "save_every": 3, "eval_every": 3},
+    )
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     from trainer.chat import BASE, load_chat_models, reply
+
     chat = load_chat_models(lora_run, {"other": other / "adapter"})
     assert chat.adapters == ["tuned", "other"]
     x = prompt_ids(tiny_model_dir)
@@ -160,6 +194,7 @@ def test_export_gguf_round_trip(lora_run, tmp_path):
     out = tmp_path / "gguf" / "model.gguf"
     cli("export", lora_run, "--gguf", "f16", "--out", out)
     from transformers import AutoModelForCausalLM
+
     x = prompt_ids(lora_run / "merged")
     loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
     merged = AutoModelForCausalLM.from_pretrained(lora_run / "merged").eval()

@@ -12,6 +12,7 @@ patches one function of trainer.checkpoint in the child process; the test kills 
 In process (loop.train): SIGUSR1 preemption, and non-finite steps (skipped, logged, stop after max_bad_steps).
 Marked slow (2 processes, DDP over gloo): world-size change 2 -> 1 and 1 -> 2; NaN on one rank only.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,8 +38,8 @@ from trainer.loop import PREEMPTED_EXIT
 from trainer.tracking import CSV_FIELDS
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 300          # any one CLI process
-SOURCE_ROWS = 38       # alpaca rows -> 35 packed train rows (2 val) at max_seq_len 64
+TIMEOUT = 300  # any one CLI process
+SOURCE_ROWS = 38  # alpaca rows -> 35 packed train rows (2 val) at max_seq_len 64
 STEPS, SAVE_EVERY = 10, 2
 EXACT = 1e-6
 
@@ -46,7 +47,7 @@ EXACT = 1e-6
 #   stall-before-manifest: after accelerate wrote .tmp-step-N/accelerate, before adapter/manifest/rename
 #   stall-before-latest:   after the rename to step-N, before `latest` is rewritten and old ones are pruned
 #   slow-hash:             every sha256 of the manifest takes 1 s (the test kills as soon as .tmp-step-N appears)
-HOOK = r'''
+HOOK = r"""
 import os, sys, time
 from pathlib import Path
 import trainer.checkpoint as ck
@@ -70,11 +71,11 @@ elif phase == "slow-hash":
     patch("sha256", lambda path: tmp_name in path.parts, stall=False)
 from trainer.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 # Under `accelerate launch`: NaN loss on rank 1 only, at step 2; every rank prints its sample ids per step.
-NAN_ON_ONE_RANK = r'''
+NAN_ON_ONE_RANK = r"""
 import json, os, sys
 import trainer.loop as loop
 real_loss, real_batches, current = loop.token_loss_sum, loop.micro_batches, {}
@@ -91,20 +92,35 @@ def token_loss_sum(model, batch, chunked=True):
 loop.micro_batches, loop.token_loss_sum = micro_batches, token_loss_sum
 from trainer.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 def ddp_cmd(script: list[str], recipe: Path) -> list[str]:
     """2 processes, DDP over gloo; `script`: ["-m", "trainer"] or [path.py]."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_gloo_ddp.yaml",
-            "--num_processes", "2", "--main_process_port", str(free_port()), *script, "train", str(recipe),
-            "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "accelerate_configs/cpu_gloo_ddp.yaml",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        *script,
+        "train",
+        str(recipe),
+        "--no-progress",
+    ]
 
 
 def env(**extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                          "MASTER_PORT", "ACCELERATE_USE_CPU")}
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU")
+    }
     e.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
     # Scripts run by path put their own folder first on sys.path: make this checkout's package importable
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -181,8 +197,9 @@ def train_row_steps(run_dir: Path) -> list[int]:
     return steps
 
 
-def metric_rows(run_dir: Path, columns=("epoch", "loss", "lr", "grad_norm", "samples_seen", "tokens_seen",
-                                         "eval_loss", "skipped")) -> dict[tuple[int, str], dict]:
+def metric_rows(
+    run_dir: Path, columns=("epoch", "loss", "lr", "grad_norm", "samples_seen", "tokens_seen", "eval_loss", "skipped")
+) -> dict[tuple[int, str], dict]:
     """{(step, 'train'|'eval'): the numeric columns} of metrics.csv."""
     with (run_dir / "metrics.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -219,8 +236,11 @@ def step_of(ckpt: Path) -> int:
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def copy_run(src: Path, dst: Path, keep_upto: int | None = None) -> Path:
@@ -262,12 +282,26 @@ def data_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def make_raw(tiny_model_dir, data_file):
     def make(out: Path, dropout: float = 0.1, **train) -> dict:
-        return tiny_recipe(tiny_model_dir, data_file, out,
-                           lora={"r": 8, "alpha": 16, "dropout": dropout, "target_modules": "all-linear"},
-                           data={"max_seq_len": 64, "val_fraction": 0.05},
-                           train={"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-3,
-                                  "save_every": SAVE_EVERY, "eval_every": 5, "log_every": 1, "keep_last": 3,
-                                  "seed": 0, **train})
+        return tiny_recipe(
+            tiny_model_dir,
+            data_file,
+            out,
+            lora={"r": 8, "alpha": 16, "dropout": dropout, "target_modules": "all-linear"},
+            data={"max_seq_len": 64, "val_fraction": 0.05},
+            train={
+                "max_steps": STEPS,
+                "micro_batch_size": 2,
+                "grad_accum": 2,
+                "lr": 1e-3,
+                "save_every": SAVE_EVERY,
+                "eval_every": 5,
+                "log_every": 1,
+                "keep_last": 3,
+                "seed": 0,
+                **train,
+            },
+        )
+
     return make
 
 
@@ -283,8 +317,12 @@ def reference(tmp_path_factory, make_raw):
     assert [rows[(s, "train")]["epoch"] for s in (8, 9, 10)] == [0, 1, 1]  # the epoch ends inside the run
     costs = [ln for ln in out.stdout.splitlines() if ln.startswith("checkpoint: ")]
     assert len(costs) == STEPS // SAVE_EVERY, out.stdout
-    print("\nreference checkpoint cost:", *costs, f"bytes: {checkpoint.dir_bytes(run_dir / 'checkpoints/step-10')}",
-          sep="\n  ")
+    print(
+        "\nreference checkpoint cost:",
+        *costs,
+        f"bytes: {checkpoint.dir_bytes(run_dir / 'checkpoints/step-10')}",
+        sep="\n  ",
+    )
     return run_dir
 
 
@@ -308,13 +346,18 @@ def test_kill9_mid_step_and_inside_saves_then_resume_matches(tmp_path, make_raw,
     # 2-4. SIGKILL inside a save; each leg first resumes from the newest complete checkpoint and replays.
     legs = [  # phase, step whose save is killed, step the leg resumes from, newest complete step afterwards
         ("stall-before-manifest", base + 2, base, base),
-        ("slow-hash", base + 4, base, base + 2),             # replays the save of base + 2 first, whole
+        ("slow-hash", base + 4, base, base + 2),  # replays the save of base + 2 first, whole
         ("stall-before-latest", base + 6, base + 2, base + 6),
     ]
     for leg, (phase, target, start, newest) in enumerate(legs, start=2):
         marker = tmp_path / f"marker{leg}"
-        child = Child(hook_cmd(recipe), tmp_path / f"leg{leg}.log", HOOK_PHASE=phase, HOOK_STEP=str(target),
-                      HOOK_MARKER=str(marker))
+        child = Child(
+            hook_cmd(recipe),
+            tmp_path / f"leg{leg}.log",
+            HOOK_PHASE=phase,
+            HOOK_STEP=str(target),
+            HOOK_MARKER=str(marker),
+        )
         tmp_dir, final = ckroot / f".tmp-step-{target}", ckroot / f"step-{target}"
         if phase == "slow-hash":
             child.wait_for(tmp_dir.name, tmp_dir.exists)  # kill the moment it appears
@@ -345,8 +388,15 @@ def test_kill9_mid_step_and_inside_saves_then_resume_matches(tmp_path, make_raw,
     assert (ckroot / "latest").read_text().strip() == "step-10"
     summary = json.loads((run_dir / "run_summary.json").read_text())
     ref_summary = json.loads((reference / "run_summary.json").read_text())
-    for key in ("steps", "epochs_completed", "samples_seen", "tokens_seen", "target_tokens_seen", "final_loss",
-                "final_eval_loss"):
+    for key in (
+        "steps",
+        "epochs_completed",
+        "samples_seen",
+        "tokens_seen",
+        "target_tokens_seen",
+        "final_loss",
+        "final_eval_loss",
+    ):
         assert summary[key] == ref_summary[key], key
 
 
@@ -379,8 +429,9 @@ def test_sigterm_saves_exits_75_and_rerun_with_harmless_changes_matches(tmp_path
     got, want = metric_rows(run_dir), metric_rows(reference)
     train_steps = sorted(s for s, kind in got if kind == "train")
     assert train_steps == list(range(1, reached + 1)) + [s for s in range(reached + 1, STEPS + 1) if s % 2 == 0]
-    assert_rows_equal(got, want, keys=[(s, "train") for s in range(1, reached + 1)] + [(STEPS, "train"),
-                                                                                      (STEPS, "eval")])
+    assert_rows_equal(
+        got, want, keys=[(s, "train") for s in range(1, reached + 1)] + [(STEPS, "train"), (STEPS, "eval")]
+    )
     for s in train_steps:  # rows logged after the change: loss, lr, counters of that very step
         for col in ("loss", "lr", "samples_seen", "tokens_seen"):
             assert got[(s, "train")][col] == pytest.approx(want[(s, "train")][col], abs=EXACT, rel=0)
@@ -406,12 +457,15 @@ def test_corrupt_newest_checkpoints_are_named_skipped_and_the_run_still_matches(
     recipe = write_recipe(tmp_path, make_raw(run_dir))
     ckroot = checkpoint.checkpoints_dir(run_dir)
     out = run(train_cmd(recipe, "--resume", str(ckroot / "step-10")), expect=2)  # asked for by name: refused
-    assert out.stderr.strip().splitlines()[-1] == (f"error: --resume {ckroot}/step-10: accelerate/model.safetensors "
-                                                   f"checksum mismatch; pick another checkpoint from {ckroot}")
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: --resume {ckroot}/step-10: accelerate/model.safetensors "
+        f"checksum mismatch; pick another checkpoint from {ckroot}"
+    )
     out = run(train_cmd(recipe))
     assert f"checkpoint: skipping {ckroot}/step-10: accelerate/model.safetensors checksum mismatch" in out.stdout
-    assert (f"checkpoint: skipping {ckroot}/step-8: accelerate/optimizer.bin has {size // 2} bytes, "
-            f"manifest says {size}") in out.stdout
+    assert (
+        f"checkpoint: skipping {ckroot}/step-8: accelerate/optimizer.bin has {size // 2} bytes, manifest says {size}"
+    ) in out.stdout
     assert resumed_from(out.stdout, run_dir) == 6
     diff = max_diff(adapter(run_dir / "adapter"), adapter(reference / "adapter"))
     print(f"\ncorrupt step-10 and step-8, resume from step-6: max |adapter - reference| = {diff:.3g}")
@@ -423,7 +477,8 @@ def test_corrupt_newest_checkpoints_are_named_skipped_and_the_run_still_matches(
 
 
 def test_incompatible_change_refused_with_one_line_and_nothing_lost_then_longer_run_continues(
-        tmp_path, make_raw, reference):
+    tmp_path, make_raw, reference
+):
     run_dir = copy_run(reference, tmp_path / "run")
     recipe = write_recipe(tmp_path, make_raw(run_dir))
     before = tree_digest(run_dir)
@@ -431,9 +486,11 @@ def test_incompatible_change_refused_with_one_line_and_nothing_lost_then_longer_
     out = run(train_cmd(recipe, "lora.r=4", "data.max_seq_len=96"), expect=2)
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, out.stderr[-3000:]
-    assert errors[0] == (f"error: {run_dir}/checkpoints/step-10: cannot resume, the recipe changed in ways this "
-                         "checkpoint cannot follow: data.max_seq_len: 64 -> 96; lora.r: 8 -> 4. Restore those values, "
-                         "or start over with --fresh.")
+    assert errors[0] == (
+        f"error: {run_dir}/checkpoints/step-10: cannot resume, the recipe changed in ways this "
+        "checkpoint cannot follow: data.max_seq_len: 64 -> 96; lora.r: 8 -> 4. Restore those values, "
+        "or start over with --fresh."
+    )
     assert "Traceback" not in out.stderr
     assert tree_digest(run_dir) == before  # nothing on disk touched
 
@@ -474,8 +531,9 @@ def test_world_size_change_2_to_1_and_1_to_2_processes(tmp_path, make_raw):
     # The optimizer state is whole (rank 0 wrote it; DDP ranks are replicas), under unwrapped names.
     opt = torch.load(ckpt / "accelerate/optimizer.bin", weights_only=True)
     n_trainable = len(load_file(ckpt / "accelerate/model.safetensors"))
-    assert len(opt["state"]) == n_trainable and not any(k.startswith("module.") for k in
-                                                         load_file(ckpt / "accelerate/model.safetensors"))
+    assert len(opt["state"]) == n_trainable and not any(
+        k.startswith("module.") for k in load_file(ckpt / "accelerate/model.safetensors")
+    )
     diffs = {"2 procs vs 1": max_diff(adapter(two / "adapter"), adapter(single / "adapter"))}
 
     # 2 -> 1
@@ -533,10 +591,10 @@ def in_process(tmp_path, make_raw, monkeypatch):
     from trainer.data import prepare_data
     from trainer.distributed import build_accelerator
     from trainer.model import build_model
-    from trainer.tokenizer import load_tokenizer
     from trainer.optim import build_optimizer
     from trainer.run_dir import RunDir
     from trainer.state import TrainState
+    from trainer.tokenizer import load_tokenizer
 
     def setup(hook, **train):
         run_dir = tmp_path / "run"
@@ -568,8 +626,10 @@ def in_process(tmp_path, make_raw, monkeypatch):
         tracker = RecordingTracker(model)
 
         def train():
-            return loop.train(recipe, acc, model, opt, data, TrainState(data_seed=0), plan, tracker,
-                              RunDir(run_dir), tok.pad_token_id)
+            return loop.train(
+                recipe, acc, model, opt, data, TrainState(data_seed=0), plan, tracker, RunDir(run_dir), tok.pad_token_id
+            )
+
         return train, tracker, ids_of, run_dir
 
     yield setup
@@ -588,8 +648,10 @@ def test_sigusr1_finishes_the_step_saves_and_reports_preempted(in_process):
     train, tracker, _, run_dir = in_process(hook, save_every=5)
     last = train()
     assert last["preempted"] is True and sorted(tracker.rows) == [1, 2, 3]
-    assert tracker.printed[-1] == (f"preempted (signal {int(signal.SIGUSR1)}): checkpoint saved at step 3; exiting "
-                                   f"with code {loop.PREEMPTED_EXIT}; rerun the same command to resume")
+    assert tracker.printed[-1] == (
+        f"preempted (signal {int(signal.SIGUSR1)}): checkpoint saved at step 3; exiting "
+        f"with code {loop.PREEMPTED_EXIT}; rerun the same command to resume"
+    )
     assert ckpt_names(run_dir) == ["latest", "step-3"] and checkpoint.verify(run_dir / "checkpoints/step-3") is None
     assert checkpoint.read_state(run_dir / "checkpoints/step-3")["step"] == 3
     assert signal.getsignal(signal.SIGUSR1) == before  # handlers restored
@@ -601,14 +663,20 @@ def test_non_finite_steps_are_skipped_logged_with_sample_ids_and_stop_the_run(in
     logged with its sample ids; the checkpoints kept (keep_last 2: step-4, step-5) hold the last good weights."""
     from trainer import loop
 
-    train, tracker, ids_of, run_dir = in_process(lambda step: float("nan") if step in (2, 4, 5, 6) else 1.0,
-                                                 max_steps=8, save_every=1, keep_last=2, max_bad_steps=3)
+    train, tracker, ids_of, run_dir = in_process(
+        lambda step: float("nan") if step in (2, 4, 5, 6) else 1.0,
+        max_steps=8,
+        save_every=1,
+        keep_last=2,
+        max_bad_steps=3,
+    )
     with pytest.raises(loop.NonFiniteLoss, match="^3 non-finite steps in a row at step 6; stopping"):
         train()
 
     assert [m for m in tracker.printed if "non-finite" in m] == [
         f"step {s}: non-finite loss/grad norm (nan, nan); step skipped; samples {sorted(ids_of[s])[:20]}"
-        for s in (2, 4, 5, 6)]
+        for s in (2, 4, 5, 6)
+    ]
     assert all(len(ids_of[s]) == 4 for s in (2, 4, 5, 6))
     assert sorted(tracker.rows) == [1, 2, 3, 4, 5]  # step 6 stopped the run before it was logged
     assert [tracker.rows[s]["skipped"] for s in (1, 2, 3, 4, 5)] == [0, 1, 1, 2, 3]
@@ -640,15 +708,19 @@ def test_non_finite_on_one_rank_is_skipped_by_all_ranks_and_logged_with_every_ra
     script.write_text(NAN_ON_ONE_RANK)
     ids_dir = tmp_path / "ids"
     ids_dir.mkdir()
-    out = run(ddp_cmd([str(script)], write_recipe(tmp_path, make_raw(run_dir, max_steps=3, grad_accum=1))),
-              IDS_DIR=str(ids_dir))
+    out = run(
+        ddp_cmd([str(script)], write_recipe(tmp_path, make_raw(run_dir, max_steps=3, grad_accum=1))),
+        IDS_DIR=str(ids_dir),
+    )
     ids = {}
     for f in ids_dir.glob("rank*-step*.json"):
         rank, step = f.stem.removeprefix("rank").split("-step")
         ids[(int(rank), int(step))] = json.loads(f.read_text())
     assert sorted(ids) == [(r, s) for r in (0, 1) for s in (1, 2, 3)]
-    assert (f"step 2: non-finite loss/grad norm (nan, nan); step skipped; samples {sorted(ids[(0, 2)] + ids[(1, 2)])}"
-            in out.stdout.splitlines())
+    assert (
+        f"step 2: non-finite loss/grad norm (nan, nan); step skipped; samples {sorted(ids[(0, 2)] + ids[(1, 2)])}"
+        in out.stdout.splitlines()
+    )
     rows = metric_rows(run_dir)
     assert [rows[(s, "train")]["skipped"] for s in (1, 2, 3)] == [0, 1, 1]
     assert rows[(2, "train")]["loss"] != rows[(2, "train")]["loss"]  # NaN, logged as such

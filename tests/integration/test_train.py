@@ -1,5 +1,6 @@
 """The real `trainer train` on a tiny Llama: exact files written, loss falls, QLoRA, full fine-tune,
 adapter reload, gradient-accumulation invariance."""
+
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import ALPACA, make_model, tiny_recipe
+from tests.conftest import ALPACA, tiny_recipe
 from trainer.config import recipe_from_dict
 from trainer.tracking import read_metrics
 
@@ -17,6 +18,7 @@ from trainer.tracking import read_metrics
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     from accelerate.state import AcceleratorState
+
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
@@ -25,22 +27,44 @@ def fresh_accelerate_state():
 def run_cli(tmp_path, raw: dict, *extra, expect=0):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    out = subprocess.run([sys.executable, "-m", "trainer", "train", str(recipe), "--no-progress", *extra],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer", "train", str(recipe), "--no-progress", *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == expect, out.stderr[-3000:]
     return out
 
 
 def test_lora_run_on_alpaca_loss_falls_and_writes_layout(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
-    raw = tiny_recipe(tiny_model_dir, ALPACA, run_dir,
-                      data={"max_seq_len": 128, "val_fraction": 0.05},
-                      train={"max_steps": 30, "micro_batch_size": 4, "grad_accum": 1, "lr": 3e-2,
-                             "eval_every": 10, "save_every": 10, "keep_last": 2, "log_every": 1})
+    raw = tiny_recipe(
+        tiny_model_dir,
+        ALPACA,
+        run_dir,
+        data={"max_seq_len": 128, "val_fraction": 0.05},
+        train={
+            "max_steps": 30,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "lr": 3e-2,
+            "eval_every": 10,
+            "save_every": 10,
+            "keep_last": 2,
+            "log_every": 1,
+        },
+    )
     run_cli(tmp_path, raw)
     # Exact layout
-    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "checkpoints", "config.yaml", "metrics.csv",
-                                                         "run_summary.json", "tensorboard"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "adapter",
+        "checkpoints",
+        "config.yaml",
+        "metrics.csv",
+        "run_summary.json",
+        "tensorboard",
+    ]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-20", "step-30"]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-30"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -69,11 +93,15 @@ def test_lora_run_on_alpaca_loss_falls_and_writes_layout(tmp_path, tiny_model_di
     # The adapter reloads with peft and gives the same logits as the trained weights in the checkpoint.
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
+
     x = torch.randint(3, 500, (2, 24))
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                         run_dir / "adapter").eval()
-    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                             LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter"
+    ).eval()
+    trained = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0),
+    )
     missing = trained.load_state_dict(saved, strict=False)
     assert not missing.unexpected_keys
     with torch.no_grad():
@@ -85,8 +113,13 @@ def test_lora_run_on_alpaca_loss_falls_and_writes_layout(tmp_path, tiny_model_di
 
 def test_qlora_nf4_runs_on_cpu(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "qlora"
-    raw = tiny_recipe(tiny_model_dir, ALPACA, run_dir, model={"quantization": "nf4", "gradient_checkpointing": True},
-                      train={"max_steps": 3, "save_every": 3, "eval_every": 3})
+    raw = tiny_recipe(
+        tiny_model_dir,
+        ALPACA,
+        run_dir,
+        model={"quantization": "nf4", "gradient_checkpointing": True},
+        train={"max_steps": 3, "save_every": 3, "eval_every": 3},
+    )
     out = run_cli(tmp_path, raw)
     assert "4-bit NF4 base" in out.stdout
     summary = json.loads((run_dir / "run_summary.json").read_text())
@@ -96,11 +129,13 @@ def test_qlora_nf4_runs_on_cpu(tmp_path, tiny_model_dir):
 
 def test_full_finetune_changes_all_weights(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "full"
-    raw = tiny_recipe(tiny_model_dir, ALPACA, run_dir, lora=None,
-                      train={"max_steps": 3, "save_every": 3, "eval_every": 3, "lr": 1e-3})
+    raw = tiny_recipe(
+        tiny_model_dir, ALPACA, run_dir, lora=None, train={"max_steps": 3, "save_every": 3, "eval_every": 3, "lr": 1e-3}
+    )
     out = run_cli(tmp_path, raw)
     assert "full fine-tune" in out.stdout
     from transformers import AutoModelForCausalLM
+
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(run_dir / "model").state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -109,18 +144,25 @@ def test_full_finetune_changes_all_weights(tmp_path, tiny_model_dir):
 
 def _one_step(model_dir, data_path, micro, accum, tmp_path):
     """Weights after one SGD step (lr=1: the update is the gradient) and the step loss."""
-    from trainer.distributed import build_accelerator
-    from trainer.data import prepare_data
-    from trainer.loop import make_plan, micro_batches, train_step
-    from trainer.model import build_model
-    from trainer.tokenizer import load_tokenizer
-    from trainer.state import TrainState
     from accelerate.state import AcceleratorState
 
+    from trainer.data import prepare_data
+    from trainer.distributed import build_accelerator
+    from trainer.loop import make_plan, micro_batches, train_step
+    from trainer.model import build_model
+    from trainer.state import TrainState
+    from trainer.tokenizer import load_tokenizer
+
     AcceleratorState._reset_state(True)
-    recipe = recipe_from_dict(tiny_recipe(model_dir, data_path, tmp_path / "x",
-                                          data={"val_fraction": 0.0, "packing": False},
-                                          train={"micro_batch_size": micro, "grad_accum": accum}))
+    recipe = recipe_from_dict(
+        tiny_recipe(
+            model_dir,
+            data_path,
+            tmp_path / "x",
+            data={"val_fraction": 0.0, "packing": False},
+            train={"micro_batch_size": micro, "grad_accum": accum},
+        )
+    )
     acc = build_accelerator(grad_accum=accum, mixed_precision="no", micro_batch_size=micro, max_grad_norm=0)
     tok = load_tokenizer(str(model_dir))
     data = prepare_data(recipe.data, tok, cache_root=tmp_path / "cache", log=lambda m: None)
@@ -154,10 +196,22 @@ def test_packing_off_groups_rows_by_length(tmp_path, tiny_model_dir):
     padding, seen = {}, {}
     for grouped in (True, False):
         run_dir = tmp_path / f"grouped-{grouped}"
-        raw = tiny_recipe(tiny_model_dir, ALPACA, run_dir, model={"gradient_checkpointing": False},
-                          data={"max_seq_len": 256, "val_fraction": 0.0, "packing": False, "group_by_length": grouped},
-                          train={"epochs": 1, "max_steps": None, "micro_batch_size": 8, "grad_accum": 1,
-                                 "log_every": 1000, "eval_every": 1000, "save_every": 1000})
+        raw = tiny_recipe(
+            tiny_model_dir,
+            ALPACA,
+            run_dir,
+            model={"gradient_checkpointing": False},
+            data={"max_seq_len": 256, "val_fraction": 0.0, "packing": False, "group_by_length": grouped},
+            train={
+                "epochs": 1,
+                "max_steps": None,
+                "micro_batch_size": 8,
+                "grad_accum": 1,
+                "log_every": 1000,
+                "eval_every": 1000,
+                "save_every": 1000,
+            },
+        )
         raw["data"]["path"] = str(tmp_path / "rows.json")
         (tmp_path / "rows.json").write_text(json.dumps(json.loads(open(ALPACA).read())[:160]))
         run_cli(tmp_path, raw)

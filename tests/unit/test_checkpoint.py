@@ -1,5 +1,6 @@
 """trainer.checkpoint and trainer.state on their own: manifest verification, which checkpoint a resume picks,
 pruning, recipe compatibility, RNG as JSON, the global data cursor, and that loading never unpickles code."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ def test_verify_names_what_is_wrong(tmp_path):
 
     ck = fake_checkpoint(tmp_path, 6)
     (ck / "accelerate" / "random_states_0.pkl").write_bytes(b"planted")
-    assert checkpoint.verify(ck) == ("accelerate/random_states_0.pkl is not in manifest.json "
-                                     "(not written by this save; never loaded)")
+    assert checkpoint.verify(ck) == (
+        "accelerate/random_states_0.pkl is not in manifest.json (not written by this save; never loaded)"
+    )
 
     ck = fake_checkpoint(tmp_path, 8)
     (ck / "manifest.json").write_text('{"files": {"a": ')  # torn write
@@ -62,14 +64,16 @@ def test_find_resumable_skips_broken_by_name_ignores_temp_folders_and_latest(tmp
     for step in (2, 4, 6):
         fake_checkpoint(tmp_path, step)
     (root / ".tmp-step-8" / "accelerate").mkdir(parents=True)  # a save killed half-way
-    (root / "latest").write_text("step-2\n")                    # stale pointer: not trusted
+    (root / "latest").write_text("step-2\n")  # stale pointer: not trusted
     with (root / "step-6" / "trainer_state.json").open("a") as fh:
         fh.write(" ")
     (root / "step-4" / "manifest.json").unlink()
     logged = []
     assert checkpoint.find_resumable(tmp_path, log=logged.append) == root / "step-2"
-    assert logged == [f"checkpoint: skipping {root}/step-6: trainer_state.json has 12 bytes, manifest says 11",
-                      f"checkpoint: skipping {root}/step-4: no manifest.json (incomplete save)"]
+    assert logged == [
+        f"checkpoint: skipping {root}/step-6: trainer_state.json has 12 bytes, manifest says 11",
+        f"checkpoint: skipping {root}/step-4: no manifest.json (incomplete save)",
+    ]
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-6", "step-4", "step-2"]
     assert checkpoint.find_resumable(tmp_path / "nothing-here") is None
 
@@ -91,6 +95,7 @@ def test_prune_keeps_the_newest_up_to_the_step_just_saved(tmp_path):
 # ----------------------------------------------------------------------------------------------- compatibility
 def _saved_recipe(tmp_path, **sections) -> Path:
     from trainer.config import dump_yaml
+
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "config.yaml").write_text(dump_yaml(recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "a", **sections))))
@@ -99,36 +104,63 @@ def _saved_recipe(tmp_path, **sections) -> Path:
 
 def test_breaking_recipe_changes_refused_in_one_line_listing_all(tmp_path):
     ck = _saved_recipe(tmp_path)
-    new = recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "b", lora={"r": 4}, data={"max_seq_len": 96},
-                                       train={"max_steps": 40, "lr": 5e-4}))
+    new = recipe_from_dict(
+        tiny_recipe(
+            "m", ALPACA, tmp_path / "b", lora={"r": 4}, data={"max_seq_len": 96}, train={"max_steps": 40, "lr": 5e-4}
+        )
+    )
     with pytest.raises(UserError) as err:
         checkpoint.check_compatible(ck, new)
     message = str(err.value)
     assert "\n" not in message
-    assert message == (f"{ck}: cannot resume, the recipe changed in ways this checkpoint cannot follow: "
-                       "data.max_seq_len: 128 -> 96; lora.r: 8 -> 4. Restore those values, or start over with --fresh.")
+    assert message == (
+        f"{ck}: cannot resume, the recipe changed in ways this checkpoint cannot follow: "
+        "data.max_seq_len: 128 -> 96; lora.r: 8 -> 4. Restore those values, or start over with --fresh."
+    )
 
 
 def test_harmless_recipe_changes_are_returned_output_dir_ignored(tmp_path):
     ck = _saved_recipe(tmp_path)
-    new = recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "elsewhere", train={
-        "max_steps": 40, "eval_every": 5, "log_every": 3, "save_every": 7, "micro_batch_size": 1, "grad_accum": 4}))
+    new = recipe_from_dict(
+        tiny_recipe(
+            "m",
+            ALPACA,
+            tmp_path / "elsewhere",
+            train={
+                "max_steps": 40,
+                "eval_every": 5,
+                "log_every": 3,
+                "save_every": 7,
+                "micro_batch_size": 1,
+                "grad_accum": 4,
+            },
+        )
+    )
     assert checkpoint.check_compatible(ck, new) == [
-        "train.eval_every: 2 -> 5", "train.grad_accum: 2 -> 4", "train.log_every: 1 -> 3", "train.max_steps: 4 -> 40",
-        "train.micro_batch_size: 2 -> 1", "train.save_every: 2 -> 7"]
+        "train.eval_every: 2 -> 5",
+        "train.grad_accum: 2 -> 4",
+        "train.log_every: 1 -> 3",
+        "train.max_steps: 4 -> 40",
+        "train.micro_batch_size: 2 -> 1",
+        "train.save_every: 2 -> 7",
+    ]
 
 
-@pytest.mark.parametrize("sections, line", [
-    ({"lora": None}, "lora: {'r': 8, 'alpha': 16.0, 'dropout': 0.0, 'target_modules': 'all-linear'} -> None"),
-    ({"lora": {"target_modules": ["q_proj"]}}, "lora.target_modules: 'all-linear' -> ['q_proj']"),
-    ({"data": {"packing": False}}, "data.packing: True -> False"),
-    ({"data": {"hub_split": "validation"}}, "data.hub_split: 'train' -> 'validation'"),
-    ({"model": {"name_or_path": "other"}}, "model.name_or_path: 'm' -> 'other'"),
-])
+@pytest.mark.parametrize(
+    "sections, line",
+    [
+        ({"lora": None}, "lora: {'r': 8, 'alpha': 16.0, 'dropout': 0.0, 'target_modules': 'all-linear'} -> None"),
+        ({"lora": {"target_modules": ["q_proj"]}}, "lora.target_modules: 'all-linear' -> ['q_proj']"),
+        ({"data": {"packing": False}}, "data.packing: True -> False"),
+        ({"data": {"hub_split": "validation"}}, "data.hub_split: 'train' -> 'validation'"),
+        ({"model": {"name_or_path": "other"}}, "model.name_or_path: 'm' -> 'other'"),
+    ],
+)
 def test_each_breaking_key(tmp_path, sections, line):
     old = recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "a"))
     new = recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "a", **sections))
     from trainer.config import to_dict
+
     breaking, harmless = checkpoint.recipe_differences(to_dict(old), to_dict(new))
     assert (breaking, harmless) == ([line], [])
 
@@ -139,21 +171,30 @@ def test_rng_state_round_trips_through_json():
     np.random.seed(2)
     torch.manual_seed(3)
     saved = json.loads(json.dumps(checkpoint.rng_state()))
-    first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(),
-             torch.nn.functional.dropout(torch.ones(64), 0.5).tolist())
+    first = (
+        random.random(),
+        np.random.rand(3).tolist(),
+        torch.rand(3).tolist(),
+        torch.nn.functional.dropout(torch.ones(64), 0.5).tolist(),
+    )
     random.seed(99)
     np.random.seed(99)
     torch.manual_seed(99)
     checkpoint.set_rng_state(saved)
-    again = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(),
-             torch.nn.functional.dropout(torch.ones(64), 0.5).tolist())
+    again = (
+        random.random(),
+        np.random.rand(3).tolist(),
+        torch.rand(3).tolist(),
+        torch.nn.functional.dropout(torch.ones(64), 0.5).tolist(),
+    )
     assert again == first
 
 
 # ----------------------------------------------------------------------------------------------- data cursor
 def _plan(n_rows, micro, accum, world):
-    recipe = recipe_from_dict(tiny_recipe("m", ALPACA, Path("x"),
-                                          train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 100}))
+    recipe = recipe_from_dict(
+        tiny_recipe("m", ALPACA, Path("x"), train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 100})
+    )
     return recipe, make_plan(n_rows, recipe, world)
 
 
@@ -239,6 +280,7 @@ def saved_checkpoint(tmp_path, tiny_model_dir):
 
 class Payload:
     """Unpickling it creates a file: proof that code from the checkpoint ran."""
+
     def __init__(self, marker):
         self.marker = str(marker)
 
@@ -255,8 +297,9 @@ def test_checkpoint_loads_without_pickle_and_round_trips(saved_checkpoint, monke
 
     loads = []
     real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append((Path(f).name, k.get("weights_only")))
-                        or real_load(f, *a, **k))
+    monkeypatch.setattr(
+        torch, "load", lambda f, *a, **k: loads.append((Path(f).name, k.get("weights_only"))) or real_load(f, *a, **k)
+    )
     acc, model, opt = fresh()
     assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if p.requires_grad)
     state = checkpoint.load(acc, ck)
@@ -271,8 +314,9 @@ def test_checkpoint_loads_without_pickle_and_round_trips(saved_checkpoint, monke
     assert all(torch.equal(got[i]["exp_avg_sq"], opt_state["state"][i]["exp_avg_sq"]) for i in opt_state["state"])
 
 
-@pytest.mark.parametrize("planted", ["accelerate/optimizer.bin", "accelerate/random_states_0.pkl",
-                                     "accelerate/custom_checkpoint_0.pkl"])
+@pytest.mark.parametrize(
+    "planted", ["accelerate/optimizer.bin", "accelerate/random_states_0.pkl", "accelerate/custom_checkpoint_0.pkl"]
+)
 def test_a_pickle_we_did_not_write_never_runs(saved_checkpoint, tmp_path, planted):
     ck, _, _, fresh = saved_checkpoint
     marker = tmp_path / "code-ran"
@@ -300,6 +344,9 @@ def test_weights_under_other_names_are_refused_not_silently_skipped(saved_checkp
     save_file({f"module.{k}": v for k, v in load_file(f).items()}, f)
     checkpoint.write_manifest(ck)
     acc, _, _ = fresh()
-    with pytest.raises(UserError, match=r"model.safetensors: does not match the model: \d+ trainable tensor\(s\) "
-                                        r"missing .* \d+ unknown \['module\.base_model"):
+    with pytest.raises(
+        UserError,
+        match=r"model.safetensors: does not match the model: \d+ trainable tensor\(s\) "
+        r"missing .* \d+ unknown \['module\.base_model",
+    ):
         checkpoint.load(acc, ck)

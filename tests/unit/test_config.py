@@ -21,7 +21,7 @@ def test_overrides_and_defaults(tmp_path):
 
 
 def test_unknown_key_suggests_nearest(tmp_path):
-    with pytest.raises(UserError, match=r"unknown key 'train.learning_rat'.*") as e:
+    with pytest.raises(UserError, match=r"unknown key 'train.learning_rat'.*"):
         load_recipe(write(tmp_path, "data: {path: x}\ntrain: {learning_rat: 1}\n"))
     with pytest.raises(UserError, match=r"did you mean 'train.micro_batch_size'"):
         load_recipe(write(tmp_path, "data: {path: x}\ntrain: {micro_batch_sise: 1}\n"))
@@ -63,6 +63,7 @@ def test_every_recipe_key_is_documented():
     from dataclasses import fields
 
     from trainer.config import SECTIONS, Recipe, field_docs
+
     for cls in [*SECTIONS.values(), Recipe]:
         missing = [f.name for f in fields(cls) if len(field_docs(cls).get(f.name, "")) < 10]
         assert not missing, f"{cls.__name__} fields without a docstring under them: {missing}"
@@ -72,6 +73,7 @@ def test_readme_recipe_reference_is_generated_from_the_code():
     """Edit trainer/config.py, then run `python -m trainer.config README.md`."""
     from tests.conftest import ROOT
     from trainer.config import REFERENCE_END, REFERENCE_START, reference_markdown
+
     text = (ROOT / "README.md").read_text()
-    generated = text[text.index(REFERENCE_START) + len(REFERENCE_START):text.index(REFERENCE_END)]
+    generated = text[text.index(REFERENCE_START) + len(REFERENCE_START) : text.index(REFERENCE_END)]
     assert generated.strip() == reference_markdown().strip()

@@ -1,4 +1,5 @@
 """Formats, chat rendering, label masks token by token, packing, splits, bad input."""
+
 import json
 
 import pytest
@@ -6,8 +7,17 @@ import torch
 
 from tests.conftest import ALPACA, CHAT_SINGLE, make_model, make_tokenizer, write_jsonl
 from trainer.config import DataArgs
-from trainer.data import (IGNORE, chat_segments, collate, detect_format, pack, pack_lengths, prepare_data,
-                          row_to_messages, split_indices, tokenize_sample)
+from trainer.data import (
+    IGNORE,
+    chat_segments,
+    collate,
+    detect_format,
+    pack_lengths,
+    prepare_data,
+    row_to_messages,
+    split_indices,
+    tokenize_sample,
+)
 from trainer.errors import UserError
 from trainer.loss import token_loss_sum
 
@@ -17,15 +27,24 @@ def ids(tok, text):
 
 
 def test_chat_labels_token_by_token(tokenizer):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
-            {"role": "assistant", "content": "Goodbye"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye"},
+    ]
     input_ids, labels = tokenize_sample(tokenizer, msgs, "completion")
     expected_ids, expected_labels = [], []
-    for text, trained in [("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
-                           "<|im_start|>assistant\n", False), ("Hello<|im_end|>\n", True),
-                          ("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False),
-                          ("Goodbye<|im_end|>\n", True)]:
+    for text, trained in [
+        (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+            False,
+        ),
+        ("Hello<|im_end|>\n", True),
+        ("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Goodbye<|im_end|>\n", True),
+    ]:
         piece = ids(tokenizer, text)
         expected_ids += piece
         expected_labels += piece if trained else [IGNORE] * len(piece)
@@ -47,6 +66,7 @@ def test_train_on_all_labels_everything(tokenizer):
 def test_default_chatml_when_tokenizer_has_none():
     tok = make_tokenizer(chat_template=None)
     from trainer.tokenizer import ensure_chat_template
+
     ensure_chat_template(tok)
     segs = chat_segments(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     assert segs == [("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n", False), ("b<|im_end|>\n", True)]
@@ -58,10 +78,16 @@ def test_text_format_appends_eos_and_trains_all(tokenizer):
     assert labels == input_ids
 
 
-@pytest.mark.parametrize("columns,expected", [
-    (["messages"], "messages"), (["instruction", "input", "output"], "alpaca"),
-    (["prompt", "completion"], "prompt_completion"), (["prompt", "response"], "prompt_completion"),
-    (["text", "meta"], "text")])
+@pytest.mark.parametrize(
+    "columns,expected",
+    [
+        (["messages"], "messages"),
+        (["instruction", "input", "output"], "alpaca"),
+        (["prompt", "completion"], "prompt_completion"),
+        (["prompt", "response"], "prompt_completion"),
+        (["text", "meta"], "text"),
+    ],
+)
 def test_detect_format(columns, expected):
     assert detect_format(columns, DataArgs(path="x")) == expected
 
@@ -83,14 +109,21 @@ def prepared(tmp_path, tokenizer, path, **kw):
     return prepare_data(cfg, tokenizer, cache_root=tmp_path / "cache", log=lambda m: None)
 
 
-@pytest.mark.parametrize("bad,message", [
-    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n{"messages": [\n',
-     ":2: malformed JSON line"),
-    ('{"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]}\n',
-     "unknown role 'robot'"),
-    ('{"messages": [{"role": "user", "content": "x"}]}\n', "no assistant turn"),
-    ('{"instruction": "x", "output": ""}\n', "missing or empty field 'output'"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n{"messages": [\n',
+            ":2: malformed JSON line",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]}\n',
+            "unknown role 'robot'",
+        ),
+        ('{"messages": [{"role": "user", "content": "x"}]}\n', "no assistant turn"),
+        ('{"instruction": "x", "output": ""}\n', "missing or empty field 'output'"),
+    ],
+)
 def test_bad_input_names_file_and_line(tmp_path, tokenizer, bad, message):
     f = tmp_path / "bad.jsonl"
     f.write_text(bad)
@@ -107,9 +140,11 @@ def test_empty_file(tmp_path, tokenizer):
 
 
 def test_truncation_and_dropped_counts(tmp_path, tokenizer):
-    rows = [{"prompt": "word " * 80, "completion": "answer"},       # prompt fills max_seq_len: no target left
-            {"prompt": "short", "completion": "long answer " * 40},  # truncated but keeps targets
-            {"prompt": "ok", "completion": "fine"}]
+    rows = [
+        {"prompt": "word " * 80, "completion": "answer"},  # prompt fills max_seq_len: no target left
+        {"prompt": "short", "completion": "long answer " * 40},  # truncated but keeps targets
+        {"prompt": "ok", "completion": "fine"},
+    ]
     data = prepared(tmp_path, tokenizer, write_jsonl(tmp_path / "d.jsonl", rows), packing=False)
     s = data.stats["train"]
     assert s["truncated"] == 2 and s["dropped_no_target"] == 1 and s["samples"] == 2
@@ -126,6 +161,7 @@ def test_split_is_seeded_and_disjoint():
 
 def test_pack_lengths_fits_and_keeps_every_sample():
     import random
+
     rnd = random.Random(0)
     lengths = [rnd.randint(1, 100) for _ in range(500)]
     rows = pack_lengths(lengths, 128)
@@ -141,14 +177,17 @@ def test_real_alpaca_packing_fill_and_cache(tmp_path, tokenizer):
     data = prepare_data(cfg, tokenizer, cache_root=tmp_path, log=msgs.append)
     assert data.stats["train"]["samples"] + data.stats["val"]["samples"] == 1000
     assert data.stats["train"]["pack_fill"] > 0.95
-    sample_ids = [s for row in data.train["sample_ids"] for s in row] + [s for row in data.val["sample_ids"] for s in row]
+    sample_ids = [s for row in data.train["sample_ids"] for s in row] + [
+        s for row in data.val["sample_ids"] for s in row
+    ]
     assert sorted(sample_ids) == list(range(1000))
     again = prepare_data(cfg, tokenizer, cache_root=tmp_path, log=msgs.append)
     assert any("cached" in m for m in msgs)
     assert again.train["input_ids"] == data.train["input_ids"]
     # A changed data section is a different key: never served stale.
-    other = prepare_data(DataArgs(path=str(ALPACA), max_seq_len=128, val_fraction=0.05), tokenizer,
-                         cache_root=tmp_path, log=msgs.append)
+    other = prepare_data(
+        DataArgs(path=str(ALPACA), max_seq_len=128, val_fraction=0.05), tokenizer, cache_root=tmp_path, log=msgs.append
+    )
     assert other.cache_dir != data.cache_dir
 
 
@@ -167,9 +206,9 @@ def test_packed_batch_equals_samples_one_by_one(tmp_path, tokenizer):
     data = prepared(tmp_path, tokenizer, write_jsonl(tmp_path / "c.jsonl", lines), max_seq_len=2048)
     samples = []
     for m in lines:
-        i, l = tokenize_sample(tokenizer, m["messages"], "completion")
-        l[0] = IGNORE
-        samples.append({"input_ids": i, "labels": l, "position_ids": list(range(len(i)))})
+        i, lab = tokenize_sample(tokenizer, m["messages"], "completion")
+        lab[0] = IGNORE
+        samples.append({"input_ids": i, "labels": lab, "position_ids": list(range(len(i)))})
     with torch.no_grad():
         alone = [token_loss_sum(model, collate([s], tokenizer.pad_token_id)) for s in samples]
         total_alone = sum(x[0] for x in alone) / sum(x[1] for x in alone)

@@ -1,4 +1,5 @@
 """The demo's synthetic task: rows, splits and scoring (no model)."""
+
 import json
 import re
 
@@ -47,9 +48,26 @@ def test_no_duplicate_prompts_or_dates():
 
 
 def test_answers_match_the_date_in_the_prompt():
-    months = {m: i for i, m in enumerate(
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September",
-         "October", "November", "December"], start=1)}
+    months = {
+        m: i
+        for i, m in enumerate(
+            [
+                "January",
+                "February",
+                "March",
+                "April",
+                "May",
+                "June",
+                "July",
+                "August",
+                "September",
+                "October",
+                "November",
+                "December",
+            ],
+            start=1,
+        )
+    }
     months.update({m[:3]: i for m, i in list(months.items())})
     for row in make_rows(300, seed=11):
         prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
@@ -59,22 +77,25 @@ def test_answers_match_the_date_in_the_prompt():
         assert answer == f"{year:04d}-{month:02d}-{day:02d}", prompt
 
 
-@pytest.mark.parametrize("args, text", [
-    ((2024, 3, 5, 0), "March 5, 2024"),
-    ((2024, 3, 5, 1), "5 March 2024"),
-    ((2024, 3, 5, 2), "Mar 5, 2024"),
-    ((2024, 3, 5, 3), "5 Mar 2024"),
-    ((2024, 3, 5, 4), "5th of March 2024"),
-    ((1999, 12, 31, 5), "December 31st, 1999"),
-    ((2001, 1, 1, 4), "1st of January 2001"),
-    ((2002, 2, 2, 5), "February 2nd, 2002"),
-    ((2003, 4, 3, 4), "3rd of April 2003"),
-    ((2011, 11, 11, 5), "November 11th, 2011"),
-    ((2012, 6, 12, 4), "12th of June 2012"),
-    ((2013, 7, 13, 5), "July 13th, 2013"),
-    ((2021, 8, 21, 4), "21st of August 2021"),
-    ((2022, 9, 22, 5), "September 22nd, 2022"),
-])
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        ((2024, 3, 5, 0), "March 5, 2024"),
+        ((2024, 3, 5, 1), "5 March 2024"),
+        ((2024, 3, 5, 2), "Mar 5, 2024"),
+        ((2024, 3, 5, 3), "5 Mar 2024"),
+        ((2024, 3, 5, 4), "5th of March 2024"),
+        ((1999, 12, 31, 5), "December 31st, 1999"),
+        ((2001, 1, 1, 4), "1st of January 2001"),
+        ((2002, 2, 2, 5), "February 2nd, 2002"),
+        ((2003, 4, 3, 4), "3rd of April 2003"),
+        ((2011, 11, 11, 5), "November 11th, 2011"),
+        ((2012, 6, 12, 4), "12th of June 2012"),
+        ((2013, 7, 13, 5), "July 13th, 2013"),
+        ((2021, 8, 21, 4), "21st of August 2021"),
+        ((2022, 9, 22, 5), "September 22nd, 2022"),
+    ],
+)
 def test_spell_date(args, text):
     assert spell_date(*args) == text
 
@@ -109,18 +130,21 @@ def test_normalize():
     assert normalize("") == ""
 
 
-@pytest.mark.parametrize("prediction, ok", [
-    ("2024-03-05", True),
-    (" 2024-03-05\n", True),
-    ("2024-03-05.", True),
-    ("2024-03-05<|im_end|>", False),
-    ("The date is 2024-03-05.", False),
-    ("2024-03-05 (ISO)", False),
-    ("2024-3-5", False),
-    ("05/03/2024", False),
-    ("2024-03-05\n2024-03-05", False),
-    ("", False),
-])
+@pytest.mark.parametrize(
+    "prediction, ok",
+    [
+        ("2024-03-05", True),
+        (" 2024-03-05\n", True),
+        ("2024-03-05.", True),
+        ("2024-03-05<|im_end|>", False),
+        ("The date is 2024-03-05.", False),
+        ("2024-03-05 (ISO)", False),
+        ("2024-3-5", False),
+        ("05/03/2024", False),
+        ("2024-03-05\n2024-03-05", False),
+        ("", False),
+    ],
+)
 def test_exact_match(prediction, ok):
     assert exact_match(prediction, "2024-03-05") is ok
 

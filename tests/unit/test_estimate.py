@@ -1,6 +1,7 @@
 """The memory planner against real objects: parameter/LoRA counts vs transformers + peft, gradient and optimizer
 bytes vs a real AdamW step, NF4 bytes vs bitsandbytes, ZeRO-2 partitions vs DeepSpeed's padding rule, activation
 terms vs the tensors autograd saves; then sanity checks on 7B recipes. CPU only, a few seconds."""
+
 from __future__ import annotations
 
 import json
@@ -17,21 +18,41 @@ warnings.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 def tiny_config(tied: bool = False, layers: int = 2, intermediate: int = 128) -> LlamaConfig:
-    return LlamaConfig(hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=512, tie_word_embeddings=tied, max_position_embeddings=256)
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=tied,
+        max_position_embeddings=256,
+    )
 
 
-def make_recipe(lora: LoraArgs | None = LoraArgs(r=8, target_modules="all-linear"), *, dtype="fp32",
-                quantization=None, ckpt=True, mb=1, seq=64, grad_accum=1, optimizer="adamw", packing=False,
-                name="tiny") -> Recipe:
-    return Recipe(model=ModelArgs(name_or_path=name, dtype=dtype, quantization=quantization,
-                                    gradient_checkpointing=ckpt),
-                  lora=lora, data=DataArgs(path="data.jsonl", max_seq_len=seq, packing=packing),
-                  train=TrainArgs(micro_batch_size=mb, grad_accum=grad_accum, optimizer=optimizer))
+def make_recipe(
+    lora: LoraArgs | None = LoraArgs(r=8, target_modules="all-linear"),
+    *,
+    dtype="fp32",
+    quantization=None,
+    ckpt=True,
+    mb=1,
+    seq=64,
+    grad_accum=1,
+    optimizer="adamw",
+    packing=False,
+    name="tiny",
+) -> Recipe:
+    return Recipe(
+        model=ModelArgs(name_or_path=name, dtype=dtype, quantization=quantization, gradient_checkpointing=ckpt),
+        lora=lora,
+        data=DataArgs(path="data.jsonl", max_seq_len=seq, packing=packing),
+        train=TrainArgs(micro_batch_size=mb, grad_accum=grad_accum, optimizer=optimizer),
+    )
 
 
 def tiny_model(cfg: LlamaConfig, dtype=torch.float32) -> LlamaForCausalLM:
@@ -41,8 +62,9 @@ def tiny_model(cfg: LlamaConfig, dtype=torch.float32) -> LlamaForCausalLM:
 
 def peft_model(cfg, targets, r=8, dropout=0.05, dtype=torch.float32):
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_model(cfg, dtype),
-                                peft.LoraConfig(r=r, target_modules=targets, lora_dropout=dropout))
+    model = peft.get_peft_model(
+        tiny_model(cfg, dtype), peft.LoraConfig(r=r, target_modules=targets, lora_dropout=dropout)
+    )
     for p in model.parameters():  # what the trainer does: adapters in fp32 over a frozen base in the compute dtype
         if p.requires_grad:
             p.data = p.data.float()
@@ -61,6 +83,7 @@ def _few_threads():
 # Parameter counts
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_parameter_table_matches_the_real_model(tied):
     cfg = tiny_config(tied)
@@ -74,10 +97,27 @@ def test_parameter_table_matches_the_real_model(tied):
 
 def test_parameter_table_handles_biases_and_explicit_head_dim():
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    qwen = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)  # q/k/v biases
-    llama = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=512, attention_bias=True, mlp_bias=True, head_dim=32)
+
+    qwen = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=True,
+    )  # q/k/v biases
+    llama = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        attention_bias=True,
+        mlp_bias=True,
+        head_dim=32,
+    )
     for cfg, cls in ((qwen, Qwen2ForCausalLM), (llama, LlamaForCausalLM)):
         torch.manual_seed(0)
         real = [(n, p.numel()) for n, p in cls(cfg).named_parameters()]
@@ -107,6 +147,7 @@ def test_lora_unknown_target_is_a_user_error():
 # Gradients and optimizer states: exact bytes after a real step
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _one_step(model, optimizer_cls, **kw):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer_cls(params, lr=1e-3, **kw)
@@ -118,12 +159,17 @@ def _one_step(model, optimizer_cls, **kw):
 
 
 def _adamw_state_bytes(opt) -> int:
-    return sum(t.numel() * t.element_size() for state in opt.state.values()
-               for key, t in state.items() if key in ("exp_avg", "exp_avg_sq"))
+    return sum(
+        t.numel() * t.element_size()
+        for state in opt.state.values()
+        for key, t in state.items()
+        if key in ("exp_avg", "exp_avg_sq")
+    )
 
 
-@pytest.mark.parametrize("lora", [LoraArgs(r=8, target_modules="all-linear"),
-                                  LoraArgs(r=8, target_modules=["q_proj", "v_proj"]), None])
+@pytest.mark.parametrize(
+    "lora", [LoraArgs(r=8, target_modules="all-linear"), LoraArgs(r=8, target_modules=["q_proj", "v_proj"]), None]
+)
 def test_gradient_and_adamw_state_bytes_are_exact(lora):
     cfg = tiny_config()
     model = peft_model(cfg, lora.target_modules) if lora is not None else tiny_model(cfg)
@@ -170,17 +216,25 @@ def qlora_model(cfg, folder, r=8, dropout=0.05, checkpointing=False):
     peft = pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
     tiny_model(cfg).save_pretrained(folder)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=quant,
-                                                     device_map={"": "cpu"})
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.bfloat16, quantization_config=quant, device_map={"": "cpu"}
+        )
     except (RuntimeError, NotImplementedError, ImportError, ValueError) as err:  # pragma: no cover
         pytest.skip(f"bitsandbytes 4-bit loading unavailable on CPU: {err}")
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    return peft.get_peft_model(model, peft.LoraConfig(r=r, target_modules="all-linear", lora_dropout=dropout,
-                                                      task_type="CAUSAL_LM"))
+    return peft.get_peft_model(
+        model, peft.LoraConfig(r=r, target_modules="all-linear", lora_dropout=dropout, task_type="CAUSAL_LM")
+    )
 
 
 def test_qlora_weight_bytes_follow_bitsandbytes_and_peft(tmp_path):
@@ -191,8 +245,9 @@ def test_qlora_weight_bytes_follow_bitsandbytes_and_peft(tmp_path):
         n = p.numel() * p.element_size()
         if p.__class__.__name__ == "Params4bit":
             st = p.quant_state
-            n += sum(t.numel() * t.element_size() for t in (st.absmax, st.code, st.offset, st.state2.absmax,
-                                                             st.state2.code))
+            n += sum(
+                t.numel() * t.element_size() for t in (st.absmax, st.code, st.offset, st.state2.absmax, st.state2.code)
+            )
             quantized += 1
         if p.requires_grad:
             trainable += n
@@ -211,11 +266,13 @@ def test_qlora_weight_bytes_follow_bitsandbytes_and_peft(tmp_path):
 # DeepSpeed ZeRO-2 partitioning
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _deepspeed_partition(numel: int, dp: int) -> list[int]:
     """What DeepSpeedZeroOptimizer does to one param group: align_dense_tensors(…, 2 * dp), then
     get_data_parallel_partitions (base size + 1 for the first `remaining` ranks)."""
     try:
         from deepspeed.runtime.utils import align_dense_tensors
+
         flat = sum(t.numel() for t in align_dense_tensors([torch.empty(numel, device="meta")], 2 * dp))
     except ImportError:  # deepspeed is a dependency, but keep this file self-contained
         flat = -(-numel // (2 * dp)) * 2 * dp
@@ -272,6 +329,7 @@ def test_offload_implies_zero2_and_moves_states_to_cpu():
 # Activations vs what autograd really saves
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _saved_bytes(model, batch, seq, autocast) -> int:
     """Bytes of the distinct non-parameter storages referenced by the autograd graph of one training forward."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -304,14 +362,34 @@ ACTIVATION_CASES = [
     ("fp32 full", torch.float32, None, False, E.Precision(4, 4, False, 4, True)),
     ("bf16 full, DeepSpeed-style", torch.bfloat16, None, False, E.Precision(2, 2, False, 2, True)),
     ("bf16 full, fp32 weights + autocast", torch.float32, None, True, E.Precision(2, 4, True, 4, True)),
-    ("bf16 LoRA all-linear + dropout, autocast", torch.bfloat16, LoraArgs(r=8, dropout=0.05), True,
-     E.Precision(2, 2, True, 4, False)),
-    ("bf16 LoRA q/v no dropout, autocast", torch.bfloat16,
-     LoraArgs(r=8, target_modules=["q_proj", "v_proj"], dropout=0.0), True, E.Precision(2, 2, True, 4, False)),
-    ("fp32 LoRA all-linear + dropout", torch.float32, LoraArgs(r=8, dropout=0.05), False,
-     E.Precision(4, 4, False, 4, False)),
-    ("QLoRA all-linear + dropout, autocast", "nf4", LoraArgs(r=8, dropout=0.05), True,
-     E.Precision(2, 4, True, 4, False, mlp=4)),
+    (
+        "bf16 LoRA all-linear + dropout, autocast",
+        torch.bfloat16,
+        LoraArgs(r=8, dropout=0.05),
+        True,
+        E.Precision(2, 2, True, 4, False),
+    ),
+    (
+        "bf16 LoRA q/v no dropout, autocast",
+        torch.bfloat16,
+        LoraArgs(r=8, target_modules=["q_proj", "v_proj"], dropout=0.0),
+        True,
+        E.Precision(2, 2, True, 4, False),
+    ),
+    (
+        "fp32 LoRA all-linear + dropout",
+        torch.float32,
+        LoraArgs(r=8, dropout=0.05),
+        False,
+        E.Precision(4, 4, False, 4, False),
+    ),
+    (
+        "QLoRA all-linear + dropout, autocast",
+        "nf4",
+        LoraArgs(r=8, dropout=0.05),
+        True,
+        E.Precision(2, 4, True, 4, False, mlp=4),
+    ),
 ]
 
 
@@ -333,8 +411,9 @@ def test_activation_terms_match_saved_tensors(case, tmp_path):
         return _saved_bytes(model, batch, seq, autocast) - copies
 
     cfg = tiny_config(intermediate=176)
-    acts = E.activation_bytes(cfg, batch=batch, seq=seq, precision=precision, lora=lora,
-                              dropout_mask_bytes=4)  # CPU dropout keeps a float mask; CUDA a bool one
+    acts = E.activation_bytes(
+        cfg, batch=batch, seq=seq, precision=precision, lora=lora, dropout_mask_bytes=4
+    )  # CPU dropout keeps a float mask; CUDA a bool one
     two, three = measured(2), measured(3)
     per_layer = three - two
     # LoRA scales by a float64 scalar per adapter: 8 bytes per module that the formula ignores
@@ -350,12 +429,20 @@ def test_activation_terms_match_saved_tensors(case, tmp_path):
 
 def test_checkpointing_and_flash_attention_shrink_activations():
     cfg = E.load_model_config("mistralai/Mistral-7B-v0.1")
-    recipe = make_recipe(LoraArgs(r=16), dtype="bf16", quantization="nf4", ckpt=False, mb=2, seq=2048,
-                         packing=True)
+    recipe = make_recipe(LoraArgs(r=16), dtype="bf16", quantization="nf4", ckpt=False, mb=2, seq=2048, packing=True)
     est = E.estimate(recipe, cfg, gpus=1, gpu_mem_gib=24)
     assert est.activations == est.activations_no_checkpointing > 10 * est.activations_checkpointing
-    flash = E.estimate(Recipe(model=ModelArgs(**{**recipe.model.__dict__, "attn_implementation": "flash_attention_2"}),
-                              lora=recipe.lora, data=recipe.data, train=recipe.train), cfg, gpus=1, gpu_mem_gib=24)
+    flash = E.estimate(
+        Recipe(
+            model=ModelArgs(**{**recipe.model.__dict__, "attn_implementation": "flash_attention_2"}),
+            lora=recipe.lora,
+            data=recipe.data,
+            train=recipe.train,
+        ),
+        cfg,
+        gpus=1,
+        gpu_mem_gib=24,
+    )
     assert flash.activations < est.activations  # no additive mask, no repeated K/V
 
 
@@ -371,11 +458,20 @@ def test_logits_dominate_small_models_with_big_vocabularies():
 # 7B sanity
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mb", [1, 2])
 def test_mistral_7b_qlora_fits_on_24gib(mb):
     cfg = E.load_model_config("mistralai/Mistral-7B-v0.1")
-    recipe = make_recipe(LoraArgs(r=16, target_modules="all-linear"), dtype="bf16", quantization="nf4", mb=mb,
-                         seq=2048, grad_accum=8 // mb, packing=True, name="mistralai/Mistral-7B-v0.1")
+    recipe = make_recipe(
+        LoraArgs(r=16, target_modules="all-linear"),
+        dtype="bf16",
+        quantization="nf4",
+        mb=mb,
+        seq=2048,
+        grad_accum=8 // mb,
+        packing=True,
+        name="mistralai/Mistral-7B-v0.1",
+    )
     est = E.estimate(recipe, cfg, gpus=1, gpu_mem_gib=24)
     assert est.fits and est.headroom > 0 and not est.suggestions
     assert 5 * GiB < est.total < 16 * GiB
@@ -419,14 +515,20 @@ def test_llama2_7b_full_finetune_zero2_offload_on_8x80gib():
 
 def test_llama2_7b_lora_zero2_on_8x80gib_fits():
     cfg = E.load_model_config("meta-llama/Llama-2-7b-hf")
-    est = E.estimate(make_recipe(LoraArgs(r=16), dtype="bf16", mb=4, seq=4096, packing=True), cfg, gpus=8,
-                     gpu_mem_gib=80, zero_stage=2)
+    est = E.estimate(
+        make_recipe(LoraArgs(r=16), dtype="bf16", mb=4, seq=4096, packing=True),
+        cfg,
+        gpus=8,
+        gpu_mem_gib=80,
+        zero_stage=2,
+    )
     assert est.fits and 10 * GiB < est.total < 60 * GiB
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Output and model configs
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def test_format_table_and_dict():
     cfg = tiny_config()
@@ -463,6 +565,7 @@ def test_load_model_config_from_folder_gguf_and_unknown(tmp_path):
 
     gguf = pytest.importorskip("gguf")
     import numpy as np
+
     writer = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
     writer.add_context_length(256)
     writer.add_embedding_length(64)

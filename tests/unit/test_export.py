@@ -250,7 +250,9 @@ def test_q8_0_roundtrip_through_transformers(model_dir, tmp_path):
 
     diff, mean = _roundtrip(model_dir, out, _q8_0)
     tied = json.loads((model_dir / "config.json").read_text())["tie_word_embeddings"]
-    print(f"q8_0 ({'tied' if tied else 'untied'}): {facts['bytes']} bytes, |logits diff| max {diff:.3g} mean {mean:.2g}")
+    print(
+        f"q8_0 ({'tied' if tied else 'untied'}): {facts['bytes']} bytes, |logits diff| max {diff:.3g} mean {mean:.2g}"
+    )
     assert diff < Q8_0_TOLERANCE and mean < Q8_0_MEAN_TOLERANCE
 
 
@@ -338,9 +340,7 @@ def test_llama3_rope_factors_match_transformers():
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     }
-    config = LlamaConfig(
-        hidden_size=2048, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=rope
-    )
+    config = LlamaConfig(hidden_size=2048, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=rope)
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     plain = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
     factors = llama3_rope_factors(rope, 500000.0, 64)

@@ -1,4 +1,5 @@
 """Model FLOPs per token (trainer.flops) against torch's own FLOP counter, sample lengths, GPU peaks, MFU."""
+
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ def counted_train_flops(model, ids, pos, labels) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from trainer.loss import token_loss_sum
+
     with FlopCounterMode(display=False) as counter:
         loss, n = token_loss_sum(model, {"input_ids": ids, "labels": labels, "position_ids": pos}, chunked=False)
         loss.backward()
@@ -49,6 +51,7 @@ def test_lora_is_4n_plus_6n_lora_an_upper_bound():
     which autograd skips (their input needs no gradient): the real count is a little lower, never higher."""
     from trainer.config import LoraArgs
     from trainer.model import apply_lora
+
     base = eager(make_model(512))
     n_base = F.flops_model(base).matmul_params
     model = apply_lora(base, LoraArgs(r=4, alpha=8, dropout=0.0))
@@ -66,18 +69,27 @@ def test_lora_is_4n_plus_6n_lora_an_upper_bound():
 
 def test_packed_rows_count_each_samples_own_attention():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4], [0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
-    labels = torch.tensor([[-100, 5, 6, -100, 7, -100, -100, -100, -100, -100],   # 3 + 2, then 5 tokens of padding
-                           [-100, 5, 6, 7, -100, 5, 5, 5, 5, 5]])                  # 4 + 6
-    assert F.sample_lengths_sq(pos, labels) == 3 ** 2 + 2 ** 2 + 4 ** 2 + 6 ** 2
+    labels = torch.tensor(
+        [
+            [-100, 5, 6, -100, 7, -100, -100, -100, -100, -100],  # 3 + 2, then 5 tokens of padding
+            [-100, 5, 6, 7, -100, 5, 5, 5, 5, 5],
+        ]
+    )  # 4 + 6
+    assert F.sample_lengths_sq(pos, labels) == 3**2 + 2**2 + 4**2 + 6**2
     meter_batches = [{"position_ids": pos, "labels": labels}, {"position_ids": pos[:1], "labels": labels[:1]}]
-    assert F.FlopsMeter.batches_len_sq(meter_batches) == 3 ** 2 + 2 ** 2 + 4 ** 2 + 6 ** 2 + 3 ** 2 + 2 ** 2
+    assert F.FlopsMeter.batches_len_sq(meter_batches) == 3**2 + 2**2 + 4**2 + 6**2 + 3**2 + 2**2
 
 
 def test_gpu_peaks_by_name_and_dtype(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name, dtype, peak in [("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H100 PCIe", "bf16", 756.0),
-                              ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA L4", "bf16", 121.0),
-                              ("NVIDIA L40S", "bf16", 362.0), ("NVIDIA A100-SXM4-80GB", "fp32", 19.5)]:
+    for name, dtype, peak in [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.0),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA L4", "bf16", 121.0),
+        ("NVIDIA L40S", "bf16", 362.0),
+        ("NVIDIA A100-SXM4-80GB", "fp32", 19.5),
+    ]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
         assert F.peak_tflops(dtype, tf32=False) == (name, peak)
     assert F.peak_tflops("fp32", tf32=True)[1] == 156.0  # A100 TF32
@@ -104,13 +116,23 @@ def test_meter_reports_tflops_and_mfu_only_with_a_peak():
 
 def test_run_summary_has_load_times_and_flops(tmp_path, tiny_model_dir):
     from accelerate.state import AcceleratorState
+
     AcceleratorState._reset_state(True)
     run_dir = tmp_path / "run"
-    raw = tiny_recipe(tiny_model_dir, ALPACA, run_dir, data={"val_fraction": 0.0},
-                      train={"max_steps": 2, "save_every": 2, "eval_every": 2})
+    raw = tiny_recipe(
+        tiny_model_dir,
+        ALPACA,
+        run_dir,
+        data={"val_fraction": 0.0},
+        train={"max_steps": 2, "save_every": 2, "eval_every": 2},
+    )
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
-    out = subprocess.run([sys.executable, "-m", "trainer", "train", str(tmp_path / "r.yaml"), "--no-progress"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer", "train", str(tmp_path / "r.yaml"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["model_load_s"] > 0 and summary["data_prepare_s"] > 0

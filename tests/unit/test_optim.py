@@ -45,25 +45,26 @@ def padded_slots(order, lengths, rows_per_step, micro):
     total = 0
     for s in range(0, len(order), rows_per_step):
         for m in range(s, min(s + rows_per_step, len(order)), micro):
-            part = lengths[order[m:min(m + micro, s + rows_per_step)]]
+            part = lengths[order[m : min(m + micro, s + rows_per_step)]]
             total += len(part) * part.max()
     return total
 
 
 def test_length_grouping_cuts_padding_keeps_a_random_permutation():
     import numpy as np
+
     lengths = np.random.default_rng(0).integers(20, 256, size=1000)
     plain = epoch_order(1000, data_seed=3, epoch=0)
     grouped = epoch_order(1000, data_seed=3, epoch=0, lengths=lengths, rows_per_step=8)
-    assert sorted(grouped.tolist()) == list(range(1000))                      # every row once
-    assert (grouped == epoch_order(1000, 3, 0, lengths, 8)).all()               # deterministic: resumes exactly
-    assert not (grouped == epoch_order(1000, 3, 1, lengths, 8)).all()           # a new order each epoch
+    assert sorted(grouped.tolist()) == list(range(1000))  # every row once
+    assert (grouped == epoch_order(1000, 3, 0, lengths, 8)).all()  # deterministic: resumes exactly
+    assert not (grouped == epoch_order(1000, 3, 1, lengths, 8)).all()  # a new order each epoch
     real = lengths.sum()
     pad_plain = 1 - real / padded_slots(plain, lengths, 8, 8)
     pad_grouped = 1 - real / padded_slots(grouped, lengths, 8, 8)
     assert pad_plain > 0.3 and pad_grouped < 0.05
     # Steps come in random order, not longest first: step means are not sorted within a window.
-    means = [lengths[grouped[i:i + 8]].mean() for i in range(0, 400, 8)]
+    means = [lengths[grouped[i : i + 8]].mean() for i in range(0, 400, 8)]
     assert means != sorted(means) and means != sorted(means, reverse=True)
 
 
@@ -71,6 +72,7 @@ def test_plan_builds_each_epochs_order_once_and_a_new_one_per_epoch_and_seed():
     import numpy as np
 
     from trainer.loop import Plan
+
     lengths = np.random.default_rng(1).integers(20, 256, size=100)
     plan = Plan(rows=100, rows_per_step=8, steps_per_epoch=13, total_steps=26, lengths=lengths)
     for seed, epoch in [(3, 0), (3, 0), (3, 1), (4, 1), (3, 0)]:

@@ -10,6 +10,7 @@ Modules, in the order data flows: `reading` (files -> rows), `formats` (row -> c
 (conversation -> ids and labels), `packing` (samples -> rows), `pipeline` (split, cache, the whole step),
 `batching` (rows -> tensors, used by the loop).
 """
+
 from trainer.data.batching import collate, count_targets
 from trainer.data.formats import detect_format, row_to_messages
 from trainer.data.packing import as_rows, pack, pack_lengths
@@ -17,6 +18,22 @@ from trainer.data.pipeline import PreparedData, describe, prepare_data, split_in
 from trainer.data.reading import data_files, read_rows
 from trainer.data.tokenize import IGNORE, chat_segments, render, tokenize_sample
 
-__all__ = ["prepare_data", "PreparedData", "describe", "split_indices", "collate", "count_targets", "pack_lengths",
-           "pack", "as_rows", "tokenize_sample", "chat_segments", "render", "row_to_messages", "detect_format",
-           "read_rows", "data_files", "IGNORE"]
+__all__ = [
+    "prepare_data",
+    "PreparedData",
+    "describe",
+    "split_indices",
+    "collate",
+    "count_targets",
+    "pack_lengths",
+    "pack",
+    "as_rows",
+    "tokenize_sample",
+    "chat_segments",
+    "render",
+    "row_to_messages",
+    "detect_format",
+    "read_rows",
+    "data_files",
+    "IGNORE",
+]

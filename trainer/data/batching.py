@@ -1,4 +1,5 @@
 """Batching rows into tensors: right padding as a position block of its own, labels -100 there."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,13 @@ def collate(rows: list[dict], pad_id: int, pad_to: int | None = None) -> dict[st
         labels[b, :n] = torch.tensor(r["labels"])
         pos[b, :n] = torch.tensor(r["position_ids"])
         pos[b, n:] = torch.arange(width - n)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos,
-            "n_rows": torch.tensor(len(rows)), "n_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": pos,
+        "n_rows": torch.tensor(len(rows)),
+        "n_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows)),
+    }
 
 
 def count_targets(labels: torch.Tensor) -> int:

@@ -1,4 +1,5 @@
 """Formats: which layout a dataset has (detected from its columns) and how one row becomes a conversation."""
+
 from __future__ import annotations
 
 from trainer.config import DataArgs
@@ -8,8 +9,10 @@ ROLES = ("system", "user", "assistant")
 
 
 def detect_format(columns: list[str], cfg: DataArgs) -> str:
-    names = {**{k: k for k in ("messages", "instruction", "input", "output", "prompt", "completion", "response",
-                                "text")}, **cfg.columns}
+    names = {
+        **{k: k for k in ("messages", "instruction", "input", "output", "prompt", "completion", "response", "text")},
+        **cfg.columns,
+    }
     have = set(columns)
     if cfg.format != "auto":
         return cfg.format
@@ -21,8 +24,10 @@ def detect_format(columns: list[str], cfg: DataArgs) -> str:
         return "prompt_completion"
     if names["text"] in have:
         return "text"
-    raise UserError(f"data.path: cannot tell the format from columns {sorted(have)}; expected 'messages', "
-                    "'instruction'+'output', 'prompt'+'completion' or 'text' (or map yours with data.columns)")
+    raise UserError(
+        f"data.path: cannot tell the format from columns {sorted(have)}; expected 'messages', "
+        "'instruction'+'output', 'prompt'+'completion' or 'text' (or map yours with data.columns)"
+    )
 
 
 def row_to_messages(row: dict, fmt: str, columns: dict, where: str) -> list[dict] | str:

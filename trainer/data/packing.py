@@ -1,4 +1,5 @@
 """Packing several samples into rows of max_seq_len (best-fit decreasing), and the unpacked layout."""
+
 from __future__ import annotations
 
 from trainer.data.tokenize import IGNORE
@@ -54,5 +55,7 @@ def pack(samples, max_seq_len: int):
 
 def as_rows(samples):
     """Unpacked: one sample per row, same columns as packed rows."""
-    return samples.map(lambda s: {"position_ids": list(range(s["length"])), "sample_ids": [s["sample_id"]]},
-                       remove_columns=["sample_id", "truncated"])
+    return samples.map(
+        lambda s: {"position_ids": list(range(s["length"])), "sample_ids": [s["sample_id"]]},
+        remove_columns=["sample_id", "truncated"],
+    )

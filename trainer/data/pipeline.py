@@ -1,4 +1,5 @@
 """The data step: read, detect the format, tokenize, split, pack, and cache the result on disk."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,11 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
     n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
     if n - n_val - n_test < 1:
         raise UserError(f"data: {n} rows leave none to train on after val/test split; lower the fractions")
-    return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
-            "train": sorted(order[n_test + n_val:])}
+    return {
+        "test": sorted(order[:n_test]),
+        "val": sorted(order[n_test : n_test + n_val]),
+        "train": sorted(order[n_test + n_val :]),
+    }
 
 
 @dataclass
@@ -88,8 +92,10 @@ def prepare_data(cfg: DataArgs, tokenizer, cache_root: Path | None = None, log=p
     cache_dir = (cache_root or default_cache_root()) / "data" / key
     if (cache_dir / "stats.json").exists():
         stats = json.loads((cache_dir / "stats.json").read_text())
-        splits = {s: datasets.load_from_disk(str(cache_dir / s)) if (cache_dir / s).exists() else None
-                  for s in ("train", "val", "test")}
+        splits = {
+            s: datasets.load_from_disk(str(cache_dir / s)) if (cache_dir / s).exists() else None
+            for s in ("train", "val", "test")
+        }
         log(f"data: cached tokenized dataset {cache_dir}")
         return PreparedData(splits["train"], splits["val"], splits["test"], stats, cache_dir, stats["format"])
 
@@ -111,9 +117,15 @@ def prepare_data(cfg: DataArgs, tokenizer, cache_root: Path | None = None, log=p
         rows = pack(keep, cfg.max_seq_len) if cfg.packing and name == "train" else as_rows(keep)
         real = int(sum(rows["length"]))
         capacity = len(rows) * cfg.max_seq_len if cfg.packing and name == "train" else real
-        stats[name] = {"samples": len(keep), "rows": len(rows), "truncated": truncated, "dropped_no_target": dropped,
-                       "tokens": real, "target_tokens": int(sum(rows["n_target"])),
-                       "pack_fill": round(real / capacity, 4) if capacity else 1.0}
+        stats[name] = {
+            "samples": len(keep),
+            "rows": len(rows),
+            "truncated": truncated,
+            "dropped_no_target": dropped,
+            "tokens": real,
+            "target_tokens": int(sum(rows["n_target"])),
+            "pack_fill": round(real / capacity, 4) if capacity else 1.0,
+        }
         splits[name] = rows
     tmp = cache_dir.with_name(cache_dir.name + f".tmp{random.randrange(1 << 30)}")
     try:
@@ -129,6 +141,7 @@ def prepare_data(cfg: DataArgs, tokenizer, cache_root: Path | None = None, log=p
     finally:
         if tmp.exists():
             import shutil
+
             shutil.rmtree(tmp, ignore_errors=True)
     if cache_dir is not None:  # serve from disk (memory-mapped) like a cache hit would
         splits = {s: datasets.load_from_disk(str(cache_dir / s)) if (cache_dir / s).exists() else None for s in splits}
@@ -140,7 +153,9 @@ def describe(stats: dict) -> str:
     for name in ("train", "val", "test"):
         s = stats.get(name)
         if s:
-            parts.append(f"{name}: {s['samples']} samples in {s['rows']} rows, {s['tokens']} tokens "
-                         f"({s['target_tokens']} trained), {s['truncated']} truncated, "
-                         f"{s['dropped_no_target']} dropped (no target left), fill {s['pack_fill']:.1%}")
+            parts.append(
+                f"{name}: {s['samples']} samples in {s['rows']} rows, {s['tokens']} tokens "
+                f"({s['target_tokens']} trained), {s['truncated']} truncated, "
+                f"{s['dropped_no_target']} dropped (no target left), fill {s['pack_fill']:.1%}"
+            )
     return "; ".join(parts)

@@ -1,5 +1,6 @@
 """Reading rows: local files (JSON, JSON Lines, CSV, Parquet; a file or a folder) or a hub dataset, through
 `datasets`; errors name the file and line."""
+
 from __future__ import annotations
 
 import json

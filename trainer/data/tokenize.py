@@ -1,4 +1,5 @@
 """Tokenizing: a conversation rendered with the chat template -> input ids and labels (-100 where no loss)."""
+
 from __future__ import annotations
 
 from trainer.config import DataArgs
@@ -27,11 +28,13 @@ def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
         prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
         full = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not prompt.startswith(done) or not full.startswith(prompt):
-            raise UserError("the tokenizer's chat template does not render conversations as prefixes of each other; "
-                            "set data.format: text or use a template without lookahead")
-        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            raise UserError(
+                "the tokenizer's chat template does not render conversations as prefixes of each other; "
+                "set data.format: text or use a template without lookahead"
+            )
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
         done = full
-    rest = render(tokenizer, messages, add_generation_prompt=False)[len(done):]
+    rest = render(tokenizer, messages, add_generation_prompt=False)[len(done) :]
     if rest:
         pieces.append((rest, False))
     return [p for p in pieces if p[0]]
@@ -64,8 +67,14 @@ def tokenize_rows(ds, tokenizer, cfg: DataArgs, fmt: str, source: str):
         # The first token of a sample is never a target: nothing in the sample precedes it. Masking it also
         # stops a packed row's previous sample from "predicting" it across the boundary.
         labels[0] = IGNORE
-        return {"input_ids": ids, "labels": labels, "sample_id": idx, "length": len(ids),
-                "n_target": sum(1 for x in labels if x != IGNORE), "truncated": truncated}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "sample_id": idx,
+            "length": len(ids),
+            "n_target": sum(1 for x in labels if x != IGNORE),
+            "truncated": truncated,
+        }
 
     out = ds.map(one, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
     return out

@@ -1,4 +1,5 @@
 """The chunked cross-entropy (model.chunked_loss) against the model's own logits: same loss, same gradients."""
+
 import pytest
 import torch
 
@@ -13,10 +14,10 @@ def batch(vocab: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (3, 40), generator=g)
     labels = ids.clone()
-    labels[:, :12] = -100            # prompt tokens: no target, no logits needed
-    labels[2, 30:] = -100            # padding
+    labels[:, :12] = -100  # prompt tokens: no target, no logits needed
+    labels[2, 30:] = -100  # padding
     pos = torch.arange(40).repeat(3, 1)
-    pos[1, 20:] = torch.arange(20)   # a packed row: two samples
+    pos[1, 20:] = torch.arange(20)  # a packed row: two samples
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
@@ -69,8 +70,9 @@ def test_no_grad_eval_same_loss():
 
 def test_heads_it_must_not_touch_fall_back_to_full_logits():
     """A LoRA-wrapped head, or logits scaled after the head: the model's own logits are used."""
-    lora_head = apply_lora(make_model(512, tie=False), LoraArgs(r=4, alpha=8, dropout=0.0,
-                                                                  target_modules=["q_proj", "lm_head"]))
+    lora_head = apply_lora(
+        make_model(512, tie=False), LoraArgs(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "lm_head"])
+    )
     assert plain_lm_head(lora_head) is None
     scaled = make_model(512)
     scaled.config.logit_scale = 0.5
