@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.arch import trainable_share
 from trainer.config import LoraConfig, ModelConfig
 from trainer.errors import UserError
 
@@ -87,7 +88,7 @@ def build_model(cfg: ModelConfig, lora: LoraConfig | None, device_map=None, log=
     if lora is not None:
         model = apply_lora(model, lora)
     trainable, total = count_parameters(model)
-    log(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+    log(f"model: {trainable:,} trainable of {total:,} parameters ({trainable_share(trainable, total):.3f}%)"
         f"{', 4-bit NF4 base' if quantize else ''}{', full fine-tune' if lora is None else ''}")
     return model
 
