@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.arch import trainable_share
 from trainer.config import LoraArgs, ModelArgs
 from trainer.dtypes import torch_dtype
 from trainer.errors import UserError
@@ -88,7 +89,7 @@ def build_model(cfg: ModelArgs, lora: LoraArgs | None, device_map=None, log=prin
         model = apply_lora(model, lora)
     trainable, total = count_parameters(model)
     log(
-        f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+        f"model: {trainable:,} trainable of {total:,} parameters ({trainable_share(trainable, total):.3f}%)"
         f"{', 4-bit NF4 base' if quantize else ''}{', full fine-tune' if lora is None else ''}"
     )
     return model
