@@ -191,6 +191,7 @@ def test_ddp_and_zero2_reach_the_same_weights(ddp_run, zero2_run):
     assert ddp_run[0]["params"] == pytest.approx(zero2_run[0]["params"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_plain_single_process(tmp_path):
     """`python script.py`: no launcher, one process, no process group."""
     code = ("from trainer.distributed import build_accelerator, world_info, is_main, main_first\n"

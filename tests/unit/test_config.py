@@ -44,6 +44,7 @@ def test_cross_field_checks():
         recipe_from_dict({})
 
 
+@pytest.mark.slow
 def test_cli_config_error_is_one_line_exit_2(tmp_path):
     p = write(tmp_path, "data: {path: x}\ntrain: {lrr: 1}\n")
     out = run_cli("train", p, expect=2)

@@ -135,6 +135,7 @@ def test_pack_lengths_fits_and_keeps_every_sample():
     assert fill > 0.95, fill
 
 
+@pytest.mark.slow
 def test_alpaca_packing_fill_and_cache(tmp_path, tokenizer):
     cfg = DataConfig(path=str(ALPACA), max_seq_len=256, val_fraction=0.05)
     msgs = []
