@@ -27,15 +27,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.conftest import ALPACA, tiny_recipe
-from tests.integration.test_distributed_backend import clean_env, free_port, run_bounded
+from tests.conftest import ROOT, alpaca_slice, clean_env, free_port, run_bounded, tiny_recipe, write_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 MICRO, ACCUM = 2, 2  # per rank; the global batch is MICRO * ACCUM * WORLD = 8 rows
-N_ROWS = 64  # Alpaca rows -> 51 train samples at max_seq_len 64: 7 steps, the last one short
+N_ROWS = 64  # Alpaca-shaped rows (tests/datagen.py) -> 51 train samples (7 dropped: no
+#                                      target left) in 50 packed rows at max_seq_len 64: 7 steps, the last one short
 LAUNCH_TIMEOUT_S = 300
 # Tolerances, from what these runs measure (fp32, lr 1e-2, 7 AdamW steps, clipping active):
 # * metrics.csv loss / grad_norm / eval_loss (kept to 6 decimals): 1 vs 2 processes and DDP vs ZeRO-2 differ by at
@@ -106,10 +104,7 @@ class Run:
 def train_cli(tmp: Path, raw: dict, config: str | None, *extra: str, expect: int = 0) -> Run:
     """`accelerate launch --config_file accelerate_configs/CONFIG -m trainer train ...` (config None: one plain
     process, `python -m trainer train ...`), from the repo root, bounded, killed as a process group on timeout."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    cli = ["-m", "trainer", "train", str(path), "--no-progress", *extra]
+    cli = ["-m", "trainer", "train", str(write_recipe(tmp, raw)), "--no-progress", *extra]
     if config is None:
         cmd = [sys.executable, *cli]
     else:
@@ -172,9 +167,7 @@ def assert_close_columns(a: list[float], b: list[float], rtol: float, what: str)
 # ----------------------------------------------------------------------------------------------- shared runs
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "alpaca64.json"
-    path.write_text(json.dumps(json.loads(ALPACA.read_text())[:N_ROWS]))
-    return path
+    return alpaca_slice(tmp_path_factory.mktemp("data") / "alpaca64.json", N_ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -469,6 +462,7 @@ def test_resume_topology_rule():
     assert msg and "without DeepSpeed" in msg
 
 
+@slow
 def test_estimator_bytes_match_the_real_zero2_run(zero2, tiny_model_dir):
     """`trainer estimate`'s parameter, gradient and optimizer counts equal what the 2-process ZeRO-2 run allocated."""
     from trainer.config import load_recipe
