@@ -44,6 +44,7 @@ CHATML = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The options (`--help`); exits 2 with a message for a non-positive size or a model config we do not have."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/gpu_check"), help="work folder (model, data, run, json)")
     p.add_argument("--model", default="meta-llama/Llama-2-7b-hf", help="a config of trainer.estimate.KNOWN_CONFIGS")
@@ -72,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def attention(choice: str) -> str:
+    """The attention implementation for `--attn`: `auto` is FlashAttention-2 when flash-attn is installed."""
     if choice != "auto":
         return choice
     import importlib.util
@@ -153,6 +155,7 @@ def train_tokenizer(lines, vocab_size: int = 512):
 
 
 def model_config(name: str, **overrides):
+    """The transformers config of a KNOWN_CONFIGS id (with `overrides`), its special ids those of `train_tokenizer`."""
     from trainer.estimate import KNOWN_CONFIGS, _config_from_table
 
     config = _config_from_table({**KNOWN_CONFIGS[name], **overrides})
@@ -210,6 +213,7 @@ def compare(summary: dict, est, metrics_rows: list[dict]) -> dict:
 
 
 def report_lines(fig: dict, gpu: str) -> list[str]:
+    """The printed summary of `compare`'s figures."""
     mfu = f"{fig['mfu']:.1%} of {fig['mfu_peak']}" if fig.get("mfu") is not None else "n/a (peak unknown)"
     err = fig["estimate_error"]
     return [
@@ -226,6 +230,7 @@ def report_lines(fig: dict, gpu: str) -> list[str]:
 
 
 def main(argv=None) -> int:
+    """Model, data, estimate, `trainer train`, comparison; 0 when all steps ran with a finite loss, 2 without a GPU."""
     args = parse_args(argv)
     import torch
 

@@ -52,6 +52,7 @@ class Rows:
     lengths: tuple[int, ...]
 
 
+_GENERATORS: dict[torch.device, torch.Generator] = {}
 _current: Rows | None = None  # a module global, not thread-local: CUDA runs backward (and the checkpointed
 # forward it recomputes) on autograd's own thread
 
@@ -92,15 +93,15 @@ class RowDropout(torch.nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability {p} must be in [0, 1)")
         self.p, self.key = float(p), int(key)
-        self._generators: dict[torch.device, torch.Generator] = {}
 
     def extra_repr(self) -> str:
         return f"p={self.p}, key={self.key}"
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        g = self._generators.get(device)
+    @staticmethod
+    def _generator(device: torch.device) -> torch.Generator:
+        g = _GENERATORS.get(device)  # one per device, reseeded for every row: nothing stored in the module
         if g is None:
-            g = self._generators[device] = torch.Generator(device=device)
+            g = _GENERATORS[device] = torch.Generator(device=device)
         return g
 
     def mask(self, shape: tuple[int, ...], device, context: Rows) -> torch.Tensor:
