@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from trainer import lora_dropout
 from trainer.arch import trainable_share
 from trainer.config import LoraArgs, ModelArgs
 from trainer.dtypes import torch_dtype
@@ -108,9 +109,11 @@ def apply_lora(model, lora: LoraArgs):
         bias="none",
     )
     try:
-        return peft.get_peft_model(model, config)
+        model = peft.get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"lora.target_modules={lora.target_modules!r}: {str(err).splitlines()[0]}") from None
+    lora_dropout.install(model)  # masks independent of the number of processes (trainer/lora_dropout.py)
+    return model
 
 
 def count_parameters(model) -> tuple[int, int]:
