@@ -50,9 +50,15 @@ def adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
+    key = (bos, len(tokenizer))
+    cached = getattr(tokenizer, "_trainer_adds_bos", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return len(with_special) > len(plain) and with_special[0] == bos
+    result = len(with_special) > len(plain) and with_special[0] == bos
+    tokenizer._trainer_adds_bos = (key, result)
+    return result
 
 
 def _offsets_backend(tokenizer):
@@ -140,8 +146,11 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     """
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the tokenizer has no chat template; set data.chat_template (e.g. chatml or plain)")
-    prompt = render_chat(tokenizer, PROBE[:1], add_generation_prompt=True)
-    full = render_chat(tokenizer, PROBE, add_generation_prompt=False)
+    try:
+        prompt = render_chat(tokenizer, PROBE[:1], add_generation_prompt=True)
+        full = render_chat(tokenizer, PROBE, add_generation_prompt=False)
+    except TemplateRefused as err:
+        raise UserError(f"chat template: cannot render a one-turn user/assistant conversation: {err}") from None
     start = _common_prefix(prompt, full)
     reply = PROBE[1]["content"]
     found = full.find(reply, start)

@@ -171,3 +171,42 @@ def test_train_generate_stops_merge_and_packing(tmp_path, name):
         assert answer.startswith("<think>\n\n</think>\n\n"), answer
         answer = answer.split("</think>")[-1]
     assert answer.strip() == "Paris.", merged_tok.convert_ids_to_tokens(gen)
+
+
+@pytest.mark.slow
+def test_added_special_tokens_are_trained_saved_and_merged(tmp_path):
+    """A Llama-2-like base given the `chatml` built-in with data.add_special_tokens: the two new tokens get
+    embedding rows, trained as peft trainable tokens of embed_tokens and the untied lm_head, saved with the
+    adapter; the merged model has the grown vocabulary and stops on <|im_end|>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.generate import reply
+    from trainer.merge import merge_run
+    from trainer.train import run
+
+    model_dir = save_family("llama2", tmp_path / "model")
+    data_path = write_jsonl(tmp_path / "d.jsonl", [{"messages": EX_SIMPLE}] * 16)
+    out = tmp_path / "run"
+    summary = run(_recipe(model_dir, data_path, out, chat_template="chatml", add_special_tokens=True))
+    vocab = len(family_tokenizer("llama2"))
+    new = [vocab, vocab + 1]
+    assert summary["tokenizer"]["added_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    assert summary["tokenizer"]["end_of_turn_ids"] == [vocab + 1] and summary["tokenizer"]["stop_token_ids"] == [
+        vocab + 1,
+        2,
+    ]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_tokens": new, "lm_head": new}
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    deltas = {k: v.shape for k, v in saved.items() if "trainable_tokens" in k}
+    assert sorted(deltas.values()) == [(2, 64), (2, 64)]
+    merge_run(out, log=lambda m: None)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok) == vocab + 2
+    assert json.loads((out / "merged" / "generation_config.json").read_text())["eos_token_id"] == [vocab + 1, 2]
+    assert reply(merged, tok, [{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=20) == (
+        "Paris."
+    )

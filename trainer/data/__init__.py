@@ -1,9 +1,10 @@
 """Data: read through `datasets`, detect the format, render chat, tokenize with label masks, split, pack, cache.
 
 Every tokenized sample carries `input_ids`, `labels` (-100 where no loss), `sample_id` (a running index over
-samples, so tests can check each sample is seen once), `row` (its row in the source file) and its length. Packed rows carry several
-samples with `position_ids` restarting at 0 at each sample start: transformers turns restarts into a
-block-diagonal causal mask when `attention_mask` is None, so samples never attend across a boundary.
+samples, so tests can check each sample is seen once), `row` (its row in the source file) and its length.
+Packed rows carry several samples with `position_ids` restarting at 0 at each sample start: transformers turns
+restarts into a block-diagonal causal mask when `attention_mask` is None, so samples never attend across a
+boundary in architectures that honour it (checked on the model before training: `trainer/packing_check.py`).
 Padding is handled the same way (a block of its own, labels -100): masked by position, never by token id.
 
 Modules, in the order data flows: `reading` (files -> rows), `formats` (row -> conversation), `tokenize`

@@ -178,12 +178,17 @@ def reply_spans(tokenizer, messages: list[dict], full: str, rewritten: str):
 
 
 def _labels(ids: list[int], offsets: list, spans) -> list[int]:
+    """Labels for `ids`: the id where the token lies in a reply span (see `reply_spans`), else IGNORE. Spans are
+    sorted and disjoint, tokens come in text order: one pass over both."""
     labels = [IGNORE] * len(ids)
+    j = 0
     for k, off in enumerate(offsets):
         if off is None:  # a BOS prepended by the tokenizer: not in the text, never a target
             continue
         ts, te = off
-        for start, content_end, end, whole in spans:
+        while j < len(spans) and spans[j][2] <= ts:  # ends before this token: holds no later token either
+            j += 1
+        for start, content_end, end, whole in spans[j : j + 2]:
             in_content = ts < content_end and te > start
             in_tail = (ts >= content_end and te <= end) if whole else (ts < end and te > content_end)
             if in_content or in_tail or (te == ts and start <= ts < end):
