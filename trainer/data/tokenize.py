@@ -178,22 +178,29 @@ def reply_spans(tokenizer, messages: list[dict], full: str, rewritten: str):
 
 
 def _labels(ids: list[int], offsets: list, spans) -> list[int]:
-    """Labels for `ids`: the id where the token lies in a reply span (see `reply_spans`), else IGNORE. Spans are
-    sorted and disjoint, tokens come in text order: one pass over both."""
+    """Labels for `ids`: the id where the token lies in a reply span (see `reply_spans`), else IGNORE.
+
+    Token offsets come in text order (non-decreasing starts and ends), so each span's tokens are found by binary
+    search. A prepended BOS (offset None) is not in the text and never a target."""
+    from bisect import bisect_left, bisect_right
+
+    starts = [o[0] if o is not None else -1 for o in offsets]
+    ends = [o[1] if o is not None else -1 for o in offsets]
     labels = [IGNORE] * len(ids)
-    j = 0
-    for k, off in enumerate(offsets):
-        if off is None:  # a BOS prepended by the tokenizer: not in the text, never a target
-            continue
-        ts, te = off
-        while j < len(spans) and spans[j][2] <= ts:  # ends before this token: holds no later token either
-            j += 1
-        for start, content_end, end, whole in spans[j : j + 2]:
-            in_content = ts < content_end and te > start
-            in_tail = (ts >= content_end and te <= end) if whole else (ts < end and te > content_end)
-            if in_content or in_tail or (te == ts and start <= ts < end):
+
+    def mark(first: int, stop: int, keep=lambda k: True) -> None:
+        for k in range(first, stop):
+            if offsets[k] is not None and keep(k):
                 labels[k] = ids[k]
-                break
+
+    for start, content_end, end, whole in spans:
+        mark(bisect_right(ends, start), bisect_left(starts, content_end))  # overlaps [start, content_end)
+        if whole:  # whole tokens in [content_end, end)
+            mark(bisect_left(starts, content_end), bisect_right(ends, end), lambda k, end=end: ends[k] <= end)
+        else:  # overlaps [content_end, end)
+            mark(bisect_right(ends, content_end), bisect_left(starts, end))
+        # zero-width tokens inside the span
+        mark(bisect_left(starts, start), bisect_left(starts, end), lambda k: starts[k] == ends[k])
     return labels
 
 
