@@ -331,7 +331,7 @@ def eval_worker(cfg_path: str) -> None:
     from trainer.loss import dataset_loss
     from trainer.tokenizer import run_tokenizer
 
-    tok = run_tokenizer(cfg["model"])
+    tok = run_tokenizer(cfg["model"]).tokenizer
     data = prepare_data(
         DataArgs(path=cfg["data"], max_seq_len=cfg["max_len"], packing=False, val_fraction=0.0),
         tok,

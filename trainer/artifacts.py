@@ -40,4 +40,4 @@ def tokenizer_of(run: RunDir, recipe):
     for folder in (run.adapter, run.model):
         if (folder / "tokenizer_config.json").is_file():
             return load_tokenizer(str(folder))
-    return run_tokenizer(recipe.model.name_or_path)
+    return run_tokenizer(recipe.model.name_or_path, recipe.data).tokenizer

@@ -67,11 +67,17 @@ def load_chat_models(run_dir: Path | None, extra_adapters: dict[str, Path], mode
             adapters["tuned"] = adapter_dir(run)
     elif model_path:
         model_args = ModelArgs(name_or_path=model_path)
-        tokenizer = run_tokenizer(model_path)
+        tokenizer = run_tokenizer(model_path).tokenizer
     else:
         raise UserError("trainer chat needs RUN_DIR or --model PATH")
     adapters.update(extra_adapters)
-    base = load_base(model_args, dtype=torch_dtype(model_args.dtype), quantize=False, device_map={"": default_device()})
+    base = load_base(
+        model_args,
+        dtype=torch_dtype(model_args.dtype),
+        quantize=False,
+        device_map={"": default_device()},
+        vocab_size=len(tokenizer),
+    )
     if not adapters:
         return ChatModels(base.eval(), tokenizer)
     names = list(adapters)

@@ -21,6 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--fresh", action="store_true", help="start over; the previous run is moved aside")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
+    v = sub.add_parser("data", help="prepare the data as train would; stats, samples with trained tokens highlighted")
+    v.add_argument("recipe", help="YAML recipe (see launch/recipes/)")
+    v.add_argument("overrides", nargs="*", help="key.path=value, e.g. data.max_seq_len=512")
+    v.add_argument("--show", type=int, default=2, metavar="N", help="print the first N train samples (default 2)")
+    v.add_argument("--jsonl", metavar="FILE", help="write every train sample: sample_id, row, input_ids, labels")
+
     m = sub.add_parser("merge", help="merge RUN_DIR's adapter into the unquantized base -> RUN_DIR/merged/")
     m.add_argument("run_dir")
 
@@ -66,6 +72,17 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     run(recipe, resume=args.resume, fresh=args.fresh, show_progress=not args.no_progress)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from pathlib import Path
+
+    from trainer.config import load_recipe
+    from trainer.data_command import data_command
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    data_command(recipe, show=args.show, jsonl=Path(args.jsonl) if args.jsonl else None)
     return 0
 
 
@@ -154,6 +171,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "data": cmd_data,
     "merge": cmd_merge,
     "eval": cmd_eval,
     "chat": cmd_chat,

@@ -36,9 +36,9 @@ class ModelArgs:
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant): far less activation memory for about 30% more compute.
     Default on because memory is what stops most runs; small models on CPU are faster with it off."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers: `sdpa` everywhere, `flash_attention_2` on a GPU that has it,
-    `eager` for architectures without SDPA support."""
+    attn_implementation: str = "auto"
+    """Attention kernel passed to transformers: `auto` (SDPA where the architecture supports it, else eager, as
+    transformers decides), `sdpa`, `eager`, or `flash_attention_2` on a GPU that has it."""
     chunked_loss: bool = True
     """Cross-entropy from lm_head's input, on target positions only, a chunk of vocab-size logits at a time:
     the full (tokens x vocab) logits are never built. Same loss and gradients; false: the model's own logits.
@@ -87,6 +87,20 @@ class DataArgs:
     """Share of rows held out for `trainer eval` (perplexity, exact match), in [0, 1); never trained on."""
     train_on: Literal["completion", "all"] = "completion"
     """`completion`: loss on the assistant replies (and their end-of-turn tokens) only; `all`: every token."""
+    chat_template: str | None = None
+    """The chat template: null (the model's own; without one, `chatml` when `<|im_start|>`/`<|im_end|>` are tokens
+    of the vocabulary, else `plain`, whose replies end with the tokenizer's eos), a built-in name (chatml, qwen,
+    qwen3, llama2, llama3, mistral, gemma, phi3, plain) or the path of a Jinja file."""
+    add_special_tokens: bool = False
+    """Allow a built-in template to add the special tokens it writes that the vocabulary lacks (embeddings
+    resized; the new rows are trained and saved with the adapter). false: such a template is refused."""
+    rewritten_turns: Literal["as_rendered", "separate"] = "as_rendered"
+    """Assistant turns the template renders differently once later turns follow (Qwen3 drops earlier reasoning):
+    `as_rendered` trains them as the full conversation shows them, in one sample; `separate` trains each in a
+    sample of its own, rendered as the last turn (reasoning kept)."""
+    fold_system_turn: bool = False
+    """Fold a leading system turn into the first user turn (`system + blank line + user`), for templates without
+    a system role (Mistral, Gemma) that refuse such conversations."""
     split_seed: int = 1234
     """Seed of the row permutation that makes the train/val/test split (independent of train.seed)."""
     hub_split: str = "train"
@@ -321,6 +335,8 @@ def validate(recipe: Recipe, where: str = "recipe") -> list[str]:
     m, d, t, lora = recipe.model, recipe.data, recipe.train, recipe.lora
     if not d.path:
         p.append(f"{where}: data.path is required (a .json/.jsonl/.csv/.parquet file or a hub dataset id)")
+    if d.chat_template is not None and not d.chat_template:
+        p.append(f"{where}: data.chat_template is empty; use null (the model's own), a built-in name or a Jinja file")
     if d.max_seq_len < 8:
         p.append(f"{where}: data.max_seq_len={d.max_seq_len} is too small; use at least 8")
     for name in ("val_fraction", "test_fraction"):

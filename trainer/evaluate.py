@@ -29,18 +29,20 @@ def split_for_eval(data):
     raise UserError("the run has neither a test nor a val split (data.test_fraction and data.val_fraction are 0)")
 
 
-def conversations(recipe, sample_ids: list[int]) -> list[dict]:
-    """Prompt messages (everything before the last assistant turn) and the reference reply, by sample id."""
-    from trainer.data import detect_format, read_rows, row_to_messages
+def conversations(recipe, source_rows: list[int]) -> list[dict]:
+    """Prompt messages (everything before the last assistant turn, as the template receives them) and the
+    reference reply, by source row (each row once)."""
+    from trainer.data import detect_format, prepare_messages, read_rows, row_to_messages
 
     raw = read_rows(recipe.data)
     fmt = detect_format(raw.column_names, recipe.data)
     out = []
-    for sid in sample_ids:
+    for sid in dict.fromkeys(source_rows):
         msgs = row_to_messages(raw[sid], fmt, recipe.data.columns, f"row {sid}")
         if isinstance(msgs, str):
             out.append({"id": sid, "prompt": None, "reference": None})
             continue
+        msgs = prepare_messages(msgs, recipe.data)
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         out.append({"id": sid, "prompt": msgs[:last], "reference": msgs[last]["content"]})
     return out
@@ -172,7 +174,7 @@ def lora_weight_deltas(peft_model) -> list[dict]:
     return rows
 
 
-def _models_to_compare(run: RunDir, recipe, merged: bool, device: str):
+def _models_to_compare(run: RunDir, recipe, merged: bool, device: str, vocab_size: int):
     """({"base": ctx, "tuned": ctx}, LoRA weight-delta rows): each value a callable returning a context manager
     that yields the model, so one loaded PEFT model serves as base (adapter disabled) and tuned."""
     from trainer.model import load_base, load_tuned
@@ -180,12 +182,13 @@ def _models_to_compare(run: RunDir, recipe, merged: bool, device: str):
     dtype = torch_dtype(recipe.model.dtype)
     tuned_folder = run.model if recipe.lora is None else (run.merged if merged and run.merged.is_dir() else None)
     if tuned_folder is not None:
-        base = load_base(recipe.model, dtype=dtype, quantize=False, device_map={"": device}).eval()
+        base = load_base(recipe.model, dtype=dtype, quantize=False, device_map={"": device}, vocab_size=vocab_size)
+        base = base.eval()
         tuned = load_base(
             replace(recipe.model, name_or_path=str(tuned_folder)), dtype=dtype, quantize=False, device_map={"": device}
         ).eval()
         return {"base": lambda: contextlib.nullcontext(base), "tuned": lambda: contextlib.nullcontext(tuned)}, []
-    peft_model = load_tuned(recipe, adapter_dir(run), device_map={"": device})
+    peft_model = load_tuned(recipe, adapter_dir(run), device_map={"": device}, vocab_size=vocab_size)
 
     @contextlib.contextmanager
     def base_ctx():
@@ -213,8 +216,8 @@ def eval_run(run_dir: Path, *, exact_match: bool = False, merged: bool = False, 
     tokenizer = tokenizer_of(run, recipe)
     data = prepare_data(recipe.data, tokenizer, log=lambda m: None)
     split, rows = split_for_eval(data)
-    convs = conversations(recipe, [s for r in rows["sample_ids"] for s in r])
-    models, deltas = _models_to_compare(run, recipe, merged, default_device())
+    convs = conversations(recipe, [s for r in rows["sample_rows"] for s in r])
+    models, deltas = _models_to_compare(run, recipe, merged, default_device(), len(tokenizer))
     report = {
         "split": split,
         **evaluate_models(

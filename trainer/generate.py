@@ -1,7 +1,9 @@
 """Generation with the run's chat template and end-of-turn stop tokens: used by eval, chat, the demo and merge.
 
-Every generation we run renders the prompt with the same chat template and stops on the same token ids
-(`stop_token_ids`), the ones training taught the model to emit at the end of a reply.
+Every generation we run renders the prompt with the same chat template, encodes it as training encoded
+conversations (`trainer.tokenizer.encode_chat`: one piece, BOS as the tokenizer adds it, never twice) and stops on
+the same token ids (`stop_token_ids`: the template's end-of-turn tokens and eos), the ones training taught the
+model to emit at the end of a reply.
 """
 
 from __future__ import annotations
@@ -10,15 +12,30 @@ import threading
 
 import torch
 
+from trainer import tokenizer as tokenizers
+
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The conversation so far, rendered with the chat template and the generation prompt (assistant header)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizers.render_chat(tokenizer, messages, add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids a reply to `messages` is generated from: the rendered prompt encoded like training data."""
+    return tokenizers.encode_chat(tokenizer, render_prompt(tokenizer, messages))
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end a reply: the tokenizer's eos (the end-of-turn token of the run's template)."""
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    """Token ids that end a reply: the template's end-of-turn tokens, then eos (`trainer.tokenizer.stop_token_ids`)."""
+    return tokenizers.stop_token_ids(tokenizer)
+
+
+def left_padded(rows: list[list[int]], pad_id: int, device) -> dict:
+    """input_ids and attention_mask of `rows` left-padded to the longest (generation appends on the right)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _sampling(do_sample: bool, temperature: float, top_p: float) -> dict:
@@ -40,26 +57,20 @@ def generate(
 ) -> list[str]:
     """Replies to each conversation in `prompts` (batched, left padding), decoded without special tokens."""
     device = next(model.parameters()).device
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    stops = stop_token_ids(tokenizer)
     replies = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            torch.manual_seed(seed + start)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stop_token_ids(tokenizer),
-                **_sampling(do_sample, temperature, top_p),
-            )
-            replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = old_side
+    for start in range(0, len(encoded), batch_size):
+        enc = left_padded(encoded[start : start + batch_size], tokenizer.pad_token_id, device)
+        torch.manual_seed(seed + start)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stops,
+            **_sampling(do_sample, temperature, top_p),
+        )
+        replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [r.strip() for r in replies]
 
 
@@ -76,8 +87,7 @@ def reply(
     """The assistant's next message (greedy when temperature is 0); `on_text(piece)` streams it as it comes."""
     from transformers import TextIteratorStreamer
 
-    enc = tokenizer(render_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False)
-    enc = enc.to(next(model.parameters()).device)
+    enc = left_padded([prompt_ids(tokenizer, messages)], tokenizer.pad_token_id, next(model.parameters()).device)
     kwargs = dict(
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,

@@ -15,7 +15,7 @@ import torch
 
 from trainer.artifacts import adapter_dir, read_recipe, tokenizer_of
 from trainer.errors import UserError
-from trainer.generate import render_prompt, stop_token_ids
+from trainer.generate import left_padded, prompt_ids
 from trainer.model import default_device, load_tuned
 from trainer.run_dir import RunDir
 from trainer.tokenizer import save_tokenizer
@@ -28,13 +28,10 @@ CHECK_PROMPTS = [
 
 
 def check_inputs(tokenizer, device) -> dict:
-    texts = [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in CHECK_PROMPTS]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(map(len, ids))
-    # Left-pad with a real token and mask it: compare only positions every model sees identically.
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-    return {"input_ids": input_ids, "attention_mask": mask}
+    """The check prompts encoded as generation encodes them, left-padded with a real token that is masked:
+    compare only positions every model sees identically."""
+    ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in CHECK_PROMPTS]
+    return left_padded(ids, tokenizer.pad_token_id, device)
 
 
 @torch.no_grad()
@@ -53,7 +50,7 @@ def merge_run(run_dir: Path, log=print) -> dict:
     adapter = adapter_dir(run)
     tokenizer = tokenizer_of(run, recipe)
     device = default_device()
-    tuned = load_tuned(recipe, adapter, device_map={"": device})
+    tuned = load_tuned(recipe, adapter, device_map={"": device}, vocab_size=len(tokenizer))
     inputs = check_inputs(tokenizer, device)
     with_adapter = logits_of(tuned, inputs)
     merged = tuned.merge_and_unload()
@@ -66,7 +63,7 @@ def merge_run(run_dir: Path, log=print) -> dict:
     }
     log(f"merge: max |logits(merged) - logits(base + adapter)| = {report['max_abs_diff_merged_vs_adapter']:.3g}")
     if recipe.model.quantization == "nf4":
-        q = load_tuned(recipe, adapter, quantized=True, device_map={"": device})
+        q = load_tuned(recipe, adapter, quantized=True, device_map={"": device}, vocab_size=len(tokenizer))
         diff = (logits_of(q, inputs) - merged_logits).abs()
         report["max_abs_diff_merged_vs_4bit_training_model"] = float(diff.max())
         report["mean_abs_diff_merged_vs_4bit_training_model"] = float(diff.mean())
@@ -77,12 +74,8 @@ def merge_run(run_dir: Path, log=print) -> dict:
         del q
     out = run.merged
     merged.save_pretrained(str(out), safe_serialization=True)
-    save_tokenizer(tokenizer, out)
-    stops = stop_token_ids(tokenizer)
-    if stops:
-        merged.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-        merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    merged.generation_config.save_pretrained(str(out))
+    # tokenizer + generation_config.json whose eos_token_id is the list of stop ids (end-of-turn tokens, eos)
+    save_tokenizer(tokenizer, out, generation_config=merged.generation_config)
     run.merge_report.write_text(json.dumps(report, indent=1))
     log(f"merge: wrote {out}")
     return report

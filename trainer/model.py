@@ -34,12 +34,15 @@ def source_args(name_or_path: str) -> tuple[str, dict]:
     return name_or_path, {}
 
 
-def load_base(cfg: ModelArgs, *, dtype: torch.dtype, quantize: bool, device_map=None):
-    """The pretrained model, in `dtype` (or NF4 Linear weights with `dtype` compute)."""
+def load_base(cfg: ModelArgs, *, dtype: torch.dtype, quantize: bool, device_map=None, vocab_size: int | None = None):
+    """The pretrained model, in `dtype` (or NF4 Linear weights with `dtype` compute). `vocab_size`: the run's
+    tokenizer length; the embeddings are resized to it when the tokenizer has more tokens than the model has rows
+    (special tokens added for the chat template, `data.add_special_tokens`)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path, extra = source_args(cfg.name_or_path)
-    kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, **extra)
+    attn = None if cfg.attn_implementation == "auto" else cfg.attn_implementation  # None: sdpa, else eager
+    kwargs = dict(dtype=dtype, attn_implementation=attn, **extra)
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -55,8 +58,19 @@ def load_base(cfg: ModelArgs, *, dtype: torch.dtype, quantize: bool, device_map=
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise UserError(f"model.name_or_path: cannot load '{cfg.name_or_path}': {str(err).splitlines()[0]}") from None
+    except (ValueError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "attn" in str(err).lower() or "attention" in str(err).lower():
+            raise UserError(
+                f"model.attn_implementation={cfg.attn_implementation}: {first}; use auto (sdpa where supported, "
+                "else eager) or eager"
+            ) from None
+        raise UserError(f"model.name_or_path: cannot load '{cfg.name_or_path}': {first}") from None
     detach_gguf_quantizer(model)
     model.config.use_cache = False
+    rows = model.get_input_embeddings().weight.shape[0]
+    if vocab_size is not None and vocab_size > rows:
+        model.resize_token_embeddings(vocab_size)  # new rows: the mean of the old ones (transformers' default)
     return model
 
 
@@ -69,13 +83,28 @@ def detach_gguf_quantizer(model) -> None:
         model.is_quantized = False
 
 
-def build_model(cfg: ModelArgs, lora: LoraArgs | None, device_map=None, log=print):
+def build_model(
+    cfg: ModelArgs,
+    lora: LoraArgs | None,
+    device_map=None,
+    log=print,
+    vocab_size: int | None = None,
+    new_token_ids: list[int] = (),
+):
     """The model to train. Full fine-tuning keeps fp32 master weights (mixed precision autocasts);
-    LoRA stores the frozen base in the compute dtype and the adapter in fp32."""
+    LoRA stores the frozen base in the compute dtype and the adapter in fp32.
+
+    `vocab_size` / `new_token_ids`: the run's tokenizer length and the ids of special tokens the run added to it
+    (`trainer.tokenizer.RunTokenizer`): embeddings are resized, and under LoRA those rows of the input embedding
+    (and of an untied output layer) train as peft trainable tokens, saved with the adapter."""
     compute = torch_dtype(cfg.dtype)
     quantize = cfg.quantization == "nf4"
     model = load_base(
-        cfg, dtype=compute if lora is not None else torch.float32, quantize=quantize, device_map=device_map
+        cfg,
+        dtype=compute if lora is not None else torch.float32,
+        quantize=quantize,
+        device_map=device_map,
+        vocab_size=vocab_size,
     )
     ckpt_kwargs = {"use_reentrant": False}
     if quantize:
@@ -87,7 +116,7 @@ def build_model(cfg: ModelArgs, lora: LoraArgs | None, device_map=None, log=prin
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     if lora is not None:
-        model = apply_lora(model, lora)
+        model = apply_lora(model, lora, new_token_ids)
     trainable, total = count_parameters(model)
     log(
         f"model: {trainable:,} trainable of {total:,} parameters ({trainable_share(trainable, total):.3f}%)"
@@ -96,7 +125,21 @@ def build_model(cfg: ModelArgs, lora: LoraArgs | None, device_map=None, log=prin
     return model
 
 
-def apply_lora(model, lora: LoraArgs):
+def _trainable_tokens(model, ids: list[int]):
+    """peft's `trainable_token_indices` for new token rows: the input embedding's, and the output layer's too when
+    it is not tied to it (a tied one follows the embedding), so the model learns to read and to emit them."""
+    if not ids:
+        return None
+    ids = sorted(set(int(i) for i in ids))
+    names = {m: n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is None or head.weight is emb.weight
+    if tied:
+        return ids
+    return {names[emb].split(".")[-1]: ids, names[head].split(".")[-1]: ids}
+
+
+def apply_lora(model, lora: LoraArgs, new_token_ids: list[int] = ()):
     import peft
 
     target = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
@@ -107,6 +150,7 @@ def apply_lora(model, lora: LoraArgs):
         target_modules=target,
         task_type="CAUSAL_LM",
         bias="none",
+        trainable_token_indices=_trainable_tokens(model, list(new_token_ids)),
     )
     try:
         model = peft.get_peft_model(model, config)
@@ -127,10 +171,16 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_tuned(recipe, adapter: Path, *, quantized: bool = False, device_map=None):
+def load_tuned(recipe, adapter: Path, *, quantized: bool = False, device_map=None, vocab_size: int | None = None):
     """The recipe's base (unquantized, in the compute dtype, unless `quantized`) + the PEFT adapter in `adapter`,
-    in eval mode."""
+    in eval mode. `vocab_size`: the run's tokenizer length (embeddings resized when the run added tokens)."""
     from peft import PeftModel
 
-    base = load_base(recipe.model, dtype=torch_dtype(recipe.model.dtype), quantize=quantized, device_map=device_map)
+    base = load_base(
+        recipe.model,
+        dtype=torch_dtype(recipe.model.dtype),
+        quantize=quantized,
+        device_map=device_map,
+        vocab_size=vocab_size,
+    )
     return PeftModel.from_pretrained(base, str(adapter)).eval()

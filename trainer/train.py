@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,9 +22,10 @@ from trainer.errors import UserError
 from trainer.loop import PREEMPTED_EXIT, NonFiniteLoss, make_plan, peak_memory_gib, train
 from trainer.model import build_model
 from trainer.optim import build_optimizer
+from trainer.packing_check import packing_isolation
 from trainer.run_dir import RunDir, move_aside
 from trainer.state import TrainState
-from trainer.tokenizer import run_tokenizer, save_tokenizer
+from trainer.tokenizer import RunTokenizer, run_tokenizer, save_tokenizer
 from trainer.tracking import make_tracker
 
 
@@ -35,14 +37,29 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
     run = RunDir(recipe.output_dir)
     ckpt = _setup_resume(run, recipe, resume, fresh, accelerator, log)
     torch.manual_seed(recipe.train.seed)
-    tokenizer = run_tokenizer(recipe.model.name_or_path)  # pad token and chat template decided once, here
+    chat = run_tokenizer(recipe.model.name_or_path, recipe.data)  # pad token, chat template, stop tokens: once, here
+    tokenizer = chat.tokenizer
+    log(_describe_chat(chat))
     data, data_prepare_s = _setup_data(recipe, tokenizer, accelerator, log)
-    model, optimizer, model_load_s = _setup_model(recipe, accelerator, log)
+    model, optimizer, model_load_s = _setup_model(recipe, accelerator, log, chat)
+    # `used`: the data settings as trained (packing off after a failed check) for the data and the step plan;
+    # config.yaml and checkpoints keep the user's recipe, so a resume decides the same way again.
+    packing, used = None, recipe
+    if recipe.data.packing:
+        packing = _check_packing(accelerator, model)
+        if not packing["isolated"]:
+            log(
+                f"packing: this model's attention mask ignores position ids (a packed sample sees the one before "
+                f"it: log-prob change {packing['leak']:.2g}); training one sample per row, grouped by length"
+            )
+            used = replace(recipe, data=replace(recipe.data, packing=False, group_by_length=True))
+            data, more_s = _setup_data(used, tokenizer, accelerator, log)
+            data_prepare_s += more_s
     state = TrainState(data_seed=recipe.train.seed)
     if ckpt is not None:
         state = checkpoint.load(accelerator, ckpt, model, optimizer)
         log(f"resume: from {ckpt} at step {state.step} (epoch {state.epoch}, {state.samples_seen} samples seen)")
-    plan = make_plan(len(data.train), recipe, accelerator.num_processes, data.train["length"])
+    plan = make_plan(len(data.train), used, accelerator.num_processes, data.train["length"])
     if accelerator.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
         run.config.write_text(dump_yaml(recipe))
@@ -71,6 +88,12 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
         model_load_s=model_load_s,
         data_prepare_s=data_prepare_s,
     )
+    summary["tokenizer"] = chat.summary()
+    summary["packing"] = (
+        {"requested": False}
+        if packing is None
+        else {"requested": True, "used": packing["isolated"], "check": {k: v for k, v in packing.items()}}
+    )
     if summary.get("mfu") is not None:
         log(
             f"train: {summary['tflops']:.1f} model TFLOP/s per device, MFU {summary['mfu']:.1%} "
@@ -94,10 +117,37 @@ def _setup_data(recipe: Recipe, tokenizer, accelerator, log):
     return data, seconds
 
 
-def _setup_model(recipe: Recipe, accelerator, log):
+def _describe_chat(chat: RunTokenizer) -> str:
+    tok = chat.tokenizer
+    added = f", added tokens {', '.join(chat.new_tokens)}" if chat.new_tokens else ""
+    return (
+        f"tokenizer: chat template {chat.template}; a reply ends with {tok.convert_ids_to_tokens(chat.end_of_turn)}; "
+        f"generation stops on ids {chat.stop_ids}{added}"
+    )
+
+
+def _check_packing(accelerator, model) -> dict:
+    """`trainer.packing_check.packing_isolation` on the prepared model, under the training autocast; a leak seen
+    by any process counts on all (they must all fall back together)."""
+    result = packing_isolation(accelerator.unwrap_model(model), autocast=accelerator.autocast)
+    leak = torch.tensor(0.0 if result["isolated"] else 1.0, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        leak = accelerator.reduce(leak, reduction="sum")
+    result["isolated"] = bool(leak.item() == 0.0)
+    return result
+
+
+def _setup_model(recipe: Recipe, accelerator, log, chat: RunTokenizer):
     """(model, optimizer) prepared by accelerate, with the checkpoint hooks installed, and the load seconds."""
     t0 = time.perf_counter()
-    model = build_model(recipe.model, recipe.lora, device_map=_device_map(recipe, accelerator), log=log)
+    model = build_model(
+        recipe.model,
+        recipe.lora,
+        device_map=_device_map(recipe, accelerator),
+        log=log,
+        vocab_size=len(chat.tokenizer),
+        new_token_ids=chat.new_token_ids,
+    )
     seconds = time.perf_counter() - t0
     log(f"model: loaded in {seconds:.1f} s")
     optimizer = build_optimizer(model, recipe.train)
@@ -244,7 +294,9 @@ def _save_final(accelerator, model, tokenizer, run: RunDir) -> None:
     else:
         out = run.model
         unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=accelerator.get_state_dict(model))
-    save_tokenizer(tokenizer, out)  # the exact tokenizer and chat template used in training
+    base = getattr(unwrapped, "get_base_model", lambda: unwrapped)()
+    # the exact tokenizer and chat template used in training, and generation_config.json with the stop ids
+    save_tokenizer(tokenizer, out, generation_config=getattr(base, "generation_config", None))
 
 
 def _logger(accelerator):

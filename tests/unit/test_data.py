@@ -1,15 +1,13 @@
-"""Formats, chat rendering, label masks token by token, packing, splits, bad input."""
+"""Formats, packing, splits, bad input, the cache. (Chat rendering and label masks: test_tokenize.py.)"""
 
 import json
 
 import pytest
 import torch
 
-from tests.conftest import ALPACA, CHAT_SINGLE, make_model, make_tokenizer, write_jsonl
+from tests.conftest import ALPACA, CHAT_SINGLE, make_model, write_jsonl
 from trainer.config import DataArgs
 from trainer.data import (
-    IGNORE,
-    chat_segments,
     collate,
     detect_format,
     pack_lengths,
@@ -20,62 +18,6 @@ from trainer.data import (
 )
 from trainer.errors import UserError
 from trainer.loss import token_loss_sum
-
-
-def ids(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def test_chat_labels_token_by_token(tokenizer):
-    msgs = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello"},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Goodbye"},
-    ]
-    input_ids, labels = tokenize_sample(tokenizer, msgs, "completion")
-    expected_ids, expected_labels = [], []
-    for text, trained in [
-        (
-            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
-            False,
-        ),
-        ("Hello<|im_end|>\n", True),
-        ("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False),
-        ("Goodbye<|im_end|>\n", True),
-    ]:
-        piece = ids(tokenizer, text)
-        expected_ids += piece
-        expected_labels += piece if trained else [IGNORE] * len(piece)
-    assert input_ids == expected_ids
-    assert labels == expected_labels
-    # The end-of-turn token after each reply is trained although it is also the pad token.
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert im_end == tokenizer.pad_token_id
-    trained = [t for t in labels if t != IGNORE]
-    assert trained.count(im_end) == 2
-
-
-def test_train_on_all_labels_everything(tokenizer):
-    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
-    input_ids, labels = tokenize_sample(tokenizer, msgs, "all")
-    assert labels == input_ids
-
-
-def test_default_chatml_when_tokenizer_has_none():
-    tok = make_tokenizer(chat_template=None)
-    from trainer.tokenizer import ensure_chat_template
-
-    ensure_chat_template(tok)
-    segs = chat_segments(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
-    assert segs == [("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n", False), ("b<|im_end|>\n", True)]
-
-
-def test_text_format_appends_eos_and_trains_all(tokenizer):
-    input_ids, labels = tokenize_sample(tokenizer, "plain text", "completion")
-    assert input_ids == ids(tokenizer, "plain text<|im_end|>")
-    assert labels == input_ids
 
 
 @pytest.mark.parametrize(
@@ -207,8 +149,7 @@ def test_packed_batch_equals_samples_one_by_one(tmp_path, tokenizer):
     data = prepared(tmp_path, tokenizer, write_jsonl(tmp_path / "c.jsonl", lines), max_seq_len=2048)
     samples = []
     for m in lines:
-        i, lab = tokenize_sample(tokenizer, m["messages"], "completion")
-        lab[0] = IGNORE
+        [(i, lab)] = tokenize_sample(tokenizer, m["messages"], DataArgs(path="x"))
         samples.append({"input_ids": i, "labels": lab, "position_ids": list(range(len(i)))})
     with torch.no_grad():
         alone = [token_loss_sum(model, collate([s], tokenizer.pad_token_id)) for s in samples]

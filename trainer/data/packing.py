@@ -35,19 +35,21 @@ def pack(samples, max_seq_len: int):
 
     lengths = samples["length"]
     groups = pack_lengths(lengths, max_seq_len)
-    cols = {k: samples[k] for k in ("input_ids", "labels", "sample_id")}
-    rows = {"input_ids": [], "labels": [], "position_ids": [], "sample_ids": [], "length": [], "n_target": []}
+    cols = {k: samples[k] for k in ("input_ids", "labels", "sample_id", "row")}
+    rows = {k: [] for k in ("input_ids", "labels", "position_ids", "sample_ids", "sample_rows", "length", "n_target")}
     for group in groups:
-        ids, labels, pos, sids = [], [], [], []
+        ids, labels, pos, sids, srows = [], [], [], [], []
         for i in group:
             ids += cols["input_ids"][i]
             labels += cols["labels"][i]
             pos += list(range(len(cols["input_ids"][i])))
             sids.append(cols["sample_id"][i])
+            srows.append(cols["row"][i])
         rows["input_ids"].append(ids)
         rows["labels"].append(labels)
         rows["position_ids"].append(pos)
         rows["sample_ids"].append(sids)
+        rows["sample_rows"].append(srows)
         rows["length"].append(len(ids))
         rows["n_target"].append(sum(1 for x in labels if x != IGNORE))
     return datasets.Dataset.from_dict(rows)
@@ -56,6 +58,28 @@ def pack(samples, max_seq_len: int):
 def as_rows(samples):
     """Unpacked: one sample per row, same columns as packed rows."""
     return samples.map(
-        lambda s: {"position_ids": list(range(s["length"])), "sample_ids": [s["sample_id"]]},
-        remove_columns=["sample_id", "truncated"],
+        lambda s: {
+            "position_ids": list(range(s["length"])),
+            "sample_ids": [s["sample_id"]],
+            "sample_rows": [s["row"]],
+        },
+        remove_columns=["sample_id", "row", "truncated"],
     )
+
+
+def unpack(rows) -> list[dict]:
+    """Packed (or unpacked) rows -> their samples, in sample_id order: {sample_id, row, input_ids, labels}.
+    A sample starts where position_ids restart at 0."""
+    out = []
+    for r in rows:
+        starts = [k for k, p in enumerate(r["position_ids"]) if p == 0] + [len(r["input_ids"])]
+        for n, (a, b) in enumerate(zip(starts, starts[1:])):
+            out.append(
+                {
+                    "sample_id": r["sample_ids"][n],
+                    "row": r["sample_rows"][n],
+                    "input_ids": r["input_ids"][a:b],
+                    "labels": r["labels"][a:b],
+                }
+            )
+    return sorted(out, key=lambda s: s["sample_id"])

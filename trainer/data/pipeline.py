@@ -47,7 +47,7 @@ def _code_version() -> str:
     to it never serves a stale cache."""
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for f in sorted(here.glob("*.py")) + [here.parent / "tokenizer.py"]:
+    for f in sorted(here.glob("*.py")) + [here.parent / "tokenizer.py", here.parent / "templates.py"]:
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
@@ -103,14 +103,16 @@ def prepare_data(cfg: DataArgs, tokenizer, cache_root: Path | None = None, log=p
     fmt = detect_format(raw.column_names, cfg)
     source = str(data_files(cfg.path)[0]) if data_files(cfg.path) else cfg.path
     samples = tokenize_rows(raw, tokenizer, cfg, fmt, source)
-    idx = split_indices(len(samples), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    stats = {"format": fmt, "rows": len(raw), "cache_key": key}
+    idx = split_indices(len(raw), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)  # by row: a row's samples
+    sample_rows = samples["row"]  # stay in one split
+    stats = {"format": fmt, "rows": len(raw), "samples": len(samples), "cache_key": key}
     splits = {}
     for name, ids in idx.items():
         if not ids:
             splits[name] = None
             continue
-        part = samples.select(ids)
+        wanted = set(ids)
+        part = samples.select([k for k, r in enumerate(sample_rows) if r in wanted])
         truncated = int(sum(part["truncated"]))
         keep = part.filter(lambda s: s["n_target"] > 0)
         dropped = len(part) - len(keep)
