@@ -156,9 +156,9 @@ def train_tokenizer(lines, vocab_size: int = 512):
 
 def model_config(name: str, **overrides):
     """The transformers config of a KNOWN_CONFIGS id (with `overrides`), its special ids those of `train_tokenizer`."""
-    from trainer.estimate import KNOWN_CONFIGS, _config_from_table
+    from trainer.estimate.configs import KNOWN_CONFIGS, config_from_table
 
-    config = _config_from_table({**KNOWN_CONFIGS[name], **overrides})
+    config = config_from_table({**KNOWN_CONFIGS[name], **overrides})
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 2
     return config
 

@@ -126,7 +126,7 @@ KNOWN_CONFIGS["meta-llama/Llama-3.2-1B-Instruct"] = KNOWN_CONFIGS["meta-llama/Ll
 KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M"] = KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"]
 
 
-def _config_from_table(values: dict[str, Any]):
+def config_from_table(values: dict[str, Any]):
     from transformers import AutoConfig
 
     values = dict(values)
@@ -158,10 +158,10 @@ def load_model_config(name_or_path: str):
         except (OSError, ValueError, json.JSONDecodeError) as err:
             raise UserError(f"{path}/config.json: not a usable model config ({err})") from None
     if str(name_or_path) in KNOWN_CONFIGS:
-        return _config_from_table(KNOWN_CONFIGS[str(name_or_path)])
+        return config_from_table(KNOWN_CONFIGS[str(name_or_path)])
     by_name = {key.rsplit("/", 1)[-1].lower(): key for key in KNOWN_CONFIGS}
     if not path.exists() and path.name.lower() in by_name:  # e.g. a not-yet-downloaded local copy of a known model
-        return _config_from_table(KNOWN_CONFIGS[by_name[path.name.lower()]])
+        return config_from_table(KNOWN_CONFIGS[by_name[path.name.lower()]])
     try:
         return AutoConfig.from_pretrained(str(name_or_path), local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure here means: not usable from the cache
