@@ -340,10 +340,14 @@ def validate(recipe: Recipe, where: str = "recipe") -> list[str]:
     """Cross-field checks; every problem, one line each."""
     p = []
     m, d, t, lora = recipe.model, recipe.data, recipe.train, recipe.lora
-    if bool(d.path) == bool(d.datasets):
+    if not d.path and not d.datasets:
         p.append(
-            f"{where}: give exactly one of data.path (a data file, folder or hub dataset id) and data.datasets "
+            f"{where}: data.path is required (a data file, a folder of them or a hub dataset id), or data.datasets "
             "(a list of {path: ...} to mix)"
+        )
+    elif d.path and d.datasets:
+        p.append(
+            f"{where}: give data.path or data.datasets, not both (put the path in data.datasets as a {{path: ...}})"
         )
     p += validate_datasets(d, where)
     if d.num_proc is not None and d.num_proc < 1:

@@ -29,15 +29,12 @@ def split_for_eval(data):
     raise UserError("the run has neither a test nor a val split (data.test_fraction and data.val_fraction are 0)")
 
 
-def conversations(recipe, sample_ids: list[int]) -> list[dict]:
+def conversations(recipe, sample_ids: list[int], data) -> list[dict]:
     """Prompt messages (everything before the last assistant turn) and the reference reply, by sample id."""
-    from trainer.data import detect_format, read_rows, row_to_messages
+    from trainer.data import sample_conversations
 
-    raw = read_rows(recipe.data)
-    fmt = detect_format(raw.column_names, recipe.data)
     out = []
-    for sid in sample_ids:
-        msgs = row_to_messages(raw[sid], fmt, recipe.data.columns, f"row {sid}")
+    for sid, msgs in zip(sample_ids, sample_conversations(recipe.data, data, sample_ids)):
         if isinstance(msgs, str):
             out.append({"id": sid, "prompt": None, "reference": None})
             continue
@@ -213,7 +210,7 @@ def eval_run(run_dir: Path, *, exact_match: bool = False, merged: bool = False, 
     tokenizer = tokenizer_of(run, recipe)
     data = prepare_data(recipe.data, tokenizer, log=lambda m: None)
     split, rows = split_for_eval(data)
-    convs = conversations(recipe, [s for r in rows["sample_ids"] for s in r])
+    convs = conversations(recipe, [s for r in rows["sample_ids"] for s in r], data)
     models, deltas = _models_to_compare(run, recipe, merged, default_device())
     report = {
         "split": split,

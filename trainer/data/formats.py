@@ -168,7 +168,10 @@ def _row_to_sample(row: dict, fmt: str, columns: dict):
         extra = value("input", required=False)
         if extra is not None and _text(extra, col("input")).strip():
             user = f"{user}\n\n{_text(extra, col('input'))}"
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(value("output"), col("output"))}]
+        msgs = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _text(value("output"), col("output"))},
+        ]
         return _checked(_system(value("system", required=False), col("system")) + msgs, fmt)
     if fmt == "prompt_completion":
         prompt, completion = value("prompt"), value("completion")
@@ -259,7 +262,11 @@ def _messages(value, column: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise UserError(
             f"column '{column}' must be a non-empty list of {{role, content}} messages, not {_kind(value)}"
-            + ("; if it holds JSON text, set data.column_types: {" + column + ": json}" if isinstance(value, str) else "")
+            + (
+                "; if it holds JSON text, set data.column_types: {" + column + ": json}"
+                if isinstance(value, str)
+                else ""
+            )
         )
     out = []
     for i, m in enumerate(value):

@@ -86,7 +86,6 @@ def write_rows(samples, order: np.ndarray, starts: np.ndarray, path: Path, sampl
     Arrow file and return it memory-mapped. Row k holds samples order[starts[k]:starts[k+1]], concatenated.
     `sample_ids[i]`: the id recorded for sample i (default: i). Reads and writes ROW_BATCH rows at a time."""
     import datasets
-    import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
 
     features = row_features()

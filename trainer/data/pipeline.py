@@ -136,7 +136,9 @@ class PreparedData:
         if self.val is None:
             return {}
         which = np.asarray([d[0] for d in self.val["datasets"]])
-        return {name: self.val.select(np.nonzero(which == i)[0]) for i, name in enumerate(self.names) if (which == i).any()}
+        return {
+            name: self.val.select(np.nonzero(which == i)[0]) for i, name in enumerate(self.names) if (which == i).any()
+        }
 
 
 # ----------------------------------------------------------------------------------------------- cache key

@@ -216,42 +216,49 @@ def _json_array(f: Path, cache_dir: Path):
     element at a time (the file's text is held, never all rows as Python objects)."""
     import datasets
 
-    text = _read_utf8(f)
-    decoder = json.JSONDecoder()
-    start = text.index("[") + 1
-
-    def elements():
-        pos, line, last = start, 1 + text.count("\n", 0, start), start
-        while True:
-            pos = _skip_ws(text, pos)
-            if pos < len(text) and text[pos] == "]":
-                rest = _skip_ws(text, pos + 1)
-                if rest < len(text):
-                    raise UserError(f"{f}:{_line_at(text, rest)}: text after the end of the JSON array")
-                return
-            if pos >= len(text):
-                raise UserError(f"{f}:{_line_at(text, pos)}: the JSON array is not closed with ']'")
-            line += text.count("\n", last, pos)
-            last = pos
-            try:
-                value, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{f}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
-            yield {"json": text[pos:end], "line": line}
-            pos = _skip_ws(text, end)
-            if pos < len(text) and text[pos] == ",":
-                pos += 1
-            elif pos < len(text) and text[pos] != "]":
-                raise UserError(f"{f}:{_line_at(text, pos)}: expected ',' or ']' between array elements")
-
     features = datasets.Features({"json": datasets.Value("string"), "line": datasets.Value("int64")})
+    stat = f.stat()
     try:
-        return datasets.Dataset.from_generator(elements, features=features, cache_dir=str(cache_dir))
+        return datasets.Dataset.from_generator(
+            _array_elements,
+            features=features,
+            cache_dir=str(cache_dir),
+            gen_kwargs={"path": str(f), "version": f"{stat.st_size}-{stat.st_mtime_ns}"},
+        )
     except Exception as err:  # datasets wraps what the generator raised
         cause = _root(err)
         if isinstance(cause, UserError):
             raise cause from None
         raise
+
+
+def _array_elements(path: str, version: str):
+    f = Path(path)
+    text = _read_utf8(f)
+    decoder = json.JSONDecoder()
+    start = text.index("[") + 1
+    pos, line, last = start, 1 + text.count("\n", 0, start), start
+    while True:
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == "]":
+            rest = _skip_ws(text, pos + 1)
+            if rest < len(text):
+                raise UserError(f"{f}:{_line_at(text, rest)}: text after the end of the JSON array")
+            return
+        if pos >= len(text):
+            raise UserError(f"{f}:{_line_at(text, pos)}: the JSON array is not closed with ']'")
+        line += text.count("\n", last, pos)
+        last = pos
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{f}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+        yield {"json": text[pos:end], "line": line}
+        pos = _skip_ws(text, end)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos < len(text) and text[pos] != "]":
+            raise UserError(f"{f}:{_line_at(text, pos)}: expected ',' or ']' between array elements")
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -343,7 +350,7 @@ def decode_row(source: Source, kind: str, stored: dict, index: int, column_types
         try:
             row = json.loads(text)
         except json.JSONDecodeError as err:
-            raise UserError(f"{where}: malformed JSON line ({err.msg}, column {err.colno}); fix or remove that line")
+            raise UserError(f"{where}: malformed JSON line ({err.msg}, column {err.colno}); fix or remove that line") from None
         if not isinstance(row, dict):
             raise UserError(f"{where}: a row must be a JSON object ({{...}}), not {_json_kind(row)}")
     else:
