@@ -321,7 +321,7 @@ def resolve_source(ds, kind: str, spec: DatasetSpec, src: Source) -> tuple[str, 
     if kind in TEXT_KINDS:
         columns: set[str] = set()
         for i, stored in enumerate(ds.select(range(min(len(ds), 200)))):
-            row, _ = decode_row(src, kind, stored, i, {})
+            row, _ = decode_row(src, kind, stored, i, {}, keep_absent=True)
             if row is not None:
                 columns |= set(row)
         columns = sorted(columns)

@@ -286,7 +286,8 @@ def _not_utf8(f: Path, offset: int, data: bytes) -> str:
 
 
 def _root(err: BaseException) -> BaseException:
-    while err.__cause__ is not None or err.__context__ is not None:
+    """The first UserError in an exception's chain (ours, raised inside datasets), else the innermost cause."""
+    while not isinstance(err, UserError) and (err.__cause__ is not None or err.__context__ is not None):
         err = err.__cause__ or err.__context__
     return err
 
@@ -294,10 +295,12 @@ def _root(err: BaseException) -> BaseException:
 def diagnose(f: Path, kind: str, err: Exception) -> str:
     """What went wrong reading `f`, in one line with the line or byte where it happened: we look ourselves where
     datasets only says "An error occurred while generating the dataset"."""
+    cause = _root(err)
+    if isinstance(cause, UserError):
+        return str(cause)
     offset = _first_bad_utf8(f) if kind != "parquet" and kind != "arrow" else None
     if offset is not None:
         return offset
-    cause = _root(err)
     text = " ".join(str(cause).split()) or type(cause).__name__
     if kind in ("csv", "tsv"):
         return f"{f}: could not read as {kind.upper()}: {text[:300]}"
@@ -330,7 +333,9 @@ def _first_bad_utf8(f: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- rows
-def decode_row(source: Source, kind: str, stored: dict, index: int, column_types: dict) -> tuple[dict | None, str]:
+def decode_row(
+    source: Source, kind: str, stored: dict, index: int, column_types: dict, keep_absent: bool = False
+) -> tuple[dict | None, str]:
     """A stored row -> (the user's row as a dict, or None for a blank JSON Lines line; its location for messages).
 
     JSON layouts: the row's JSON text parsed (an object is required). Tabular layouts: the row as stored. Then
@@ -350,11 +355,15 @@ def decode_row(source: Source, kind: str, stored: dict, index: int, column_types
         try:
             row = json.loads(text)
         except json.JSONDecodeError as err:
-            raise UserError(f"{where}: malformed JSON line ({err.msg}, column {err.colno}); fix or remove that line") from None
+            raise UserError(
+                f"{where}: malformed JSON line ({err.msg}, column {err.colno}); fix or remove that line"
+            ) from None
         if not isinstance(row, dict):
             raise UserError(f"{where}: a row must be a JSON object ({{...}}), not {_json_kind(row)}")
     else:
         row = dict(stored)
+    if keep_absent:  # the columns a row names, null or not (format detection)
+        return row, where
     for col, kind_name in column_types.items():
         if col in row:
             row[col] = _convert(row[col], kind_name, where, col)
