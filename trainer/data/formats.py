@@ -88,11 +88,11 @@ def resolve(columns: list[str], fmt: str, mapping: dict) -> tuple[str, dict]:
         missing = [c for c in cols.values() if c not in have]
         raise UserError(
             f"format {fmt} needs column(s) {', '.join(repr(c) for c in missing)}; the data has {sorted(have)}; "
-            f"map yours with {suggest_columns(sorted(have), fmt)}"
+            f"map yours with {suggest_columns(list(dict.fromkeys(columns)), fmt)}"
         )
     raise UserError(
         f"cannot tell the format from columns {sorted(have)}; accepted: {ACCEPTED}; map yours with "
-        f"{suggest_columns(sorted(have))}"
+        f"{suggest_columns(list(dict.fromkeys(columns)))}"
     )
 
 

@@ -319,12 +319,12 @@ def _prepare(cfg, specs, sources, hashes, key, tokenizer, root: Path, log, check
 def resolve_source(ds, kind: str, spec: DatasetSpec, src: Source) -> tuple[str, dict]:
     """(format, {field: column}) of one source; JSON rows are peeked at to learn their keys."""
     if kind in TEXT_KINDS:
-        columns: set[str] = set()
+        seen: dict[str, None] = {}  # in the order the rows name them
         for i, stored in enumerate(ds.select(range(min(len(ds), 200)))):
             row, _ = decode_row(src, kind, stored, i, {}, keep_absent=True)
             if row is not None:
-                columns |= set(row)
-        columns = sorted(columns)
+                seen.update(dict.fromkeys(row))
+        columns = list(seen)
     else:
         columns = list(ds.column_names)
     try:
