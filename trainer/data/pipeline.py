@@ -231,7 +231,14 @@ def prepare_data(
             log(f"data: cached tokenized dataset {cache_dir}")
             return data
         if not wait:
-            lock = _Lock.acquire(root, key)
+            try:
+                lock = _Lock.acquire(root, key)
+            except OSError as err:  # a read-only cache is no reason to stop: prepare in a temporary folder
+                import tempfile
+
+                fallback = Path(tempfile.mkdtemp(prefix="trainer-data-"))
+                log(f"data: cannot write the data cache {root} ({err.strerror}); preparing in {fallback} instead")
+                return prepare_data(cfg, tokenizer, fallback, log, check, wait)
             if lock is not None:
                 break
         _wait_step(root, key, cfg.wait_timeout, started, log)
@@ -594,11 +601,19 @@ def _write_failed(root: Path, key: str, message: str) -> None:
         pass
 
 
+_IMPORTED = time.time()
+
+
 def _process_start() -> float:
+    """When this process started (Linux: /proc/self/stat starttime after boot); else when this module was imported."""
     try:
-        return os.stat(f"/proc/{os.getpid()}").st_mtime
-    except OSError:
-        return time.time()
+        with open("/proc/self/stat") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
 
 
 def _wait_step(root: Path, key: str, timeout: int, started: float, log) -> None:
