@@ -110,6 +110,16 @@ def test_csv_empty_required_cell_names_the_row_tsv_reads_tabs(tmp_path, tokenize
     assert trained(tokenizer, prep(tmp_path, tokenizer, t)) == ["0.10<|im_end|>\n"]
 
 
+def test_csv_row_with_too_many_cells_names_the_line(tmp_path, tokenizer):
+    f = tmp_path / "bad.csv"
+    f.write_text("prompt,completion\na,b\nc,d,e\n")
+    with pytest.raises(UserError) as err:
+        prep(tmp_path, tokenizer, f)
+    assert str(err.value) == (
+        f"{f}:3: 3 cells where the header has 2; quote cells that hold the separator (a comma) or a line break"
+    )
+
+
 def test_column_types_json_cell_and_bad_declared_type(tmp_path, tokenizer):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
     f = tmp_path / "m.csv"

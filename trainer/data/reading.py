@@ -303,7 +303,16 @@ def diagnose(f: Path, kind: str, err: Exception) -> str:
         return offset
     text = " ".join(str(cause).split()) or type(cause).__name__
     if kind in ("csv", "tsv"):
-        return f"{f}: could not read as {kind.upper()}: {text[:300]}"
+        import re
+
+        fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
+        if fields:
+            want, line, saw = fields.groups()
+            return (
+                f"{f}:{line}: {saw} cells where the header has {want}; quote cells that hold the separator "
+                f"({'a tab' if kind == 'tsv' else 'a comma'}) or a line break"
+            )
+        return f"{f}: could not read as {kind.upper()}: {text.split('Failed to read file')[0].strip()[:300]}"
     if kind in ("parquet", "arrow"):
         return f"{f}: could not read as {kind}: {text[:300]}"
     return f"{f}: could not read: {text[:300]}"
