@@ -122,6 +122,25 @@ def worker_bare(data: Path, tok_dir: str, batch: int = 1000) -> dict:
     return {"seconds": seconds, "tokens": tokens, "rss_main_gib": own}
 
 
+def worker_samples(data: Path, tok_dir: str, max_seq_len: int) -> dict:
+    """The per-conversation work alone, in one process: parse, row -> messages, tokenize_sample (the data step's
+    driver calls the same), nothing written: prepare_data with num_proc=1 minus this is the pipeline's own cost."""
+    from trainer.config import DataArgs
+    from trainer.data.formats import row_to_messages
+    from trainer.data.pipeline import tokenize_conversation
+    from trainer.tokenizer import run_tokenizer
+
+    tok = run_tokenizer(tok_dir)
+    cfg = DataArgs(path=str(data), max_seq_len=max_seq_len)
+    t0 = time.perf_counter()
+    tokens = 0
+    with data.open() as fh:
+        for line in fh:
+            for ids, _ in tokenize_conversation(tok, row_to_messages(json.loads(line), "messages"), cfg):
+                tokens += min(len(ids), max_seq_len)
+    return {"seconds": time.perf_counter() - t0, "tokens": tokens, "rss_main_gib": peak_rss_gib()[0]}
+
+
 def run_worker(args: list[str]) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, *args],
@@ -142,7 +161,12 @@ def main(argv=None) -> None:
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-data"))
     p.add_argument("--keep", action="store_true", help="keep the generated files and caches")
-    p.add_argument("--worker", choices=["prepare", "bare"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="instead: at each N, prepare_data with num_proc=1 against the per-conversation work alone (one process)",
+    )
+    p.add_argument("--worker", choices=["prepare", "bare", "samples"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -151,6 +175,9 @@ def main(argv=None) -> None:
         return
     if a.worker == "bare":
         print(json.dumps(worker_bare(Path(a.data), a.tokenizer)))
+        return
+    if a.worker == "samples":
+        print(json.dumps(worker_samples(Path(a.data), a.tokenizer, a.max_seq_len)))
         return
 
     work = Path(a.work)
@@ -165,6 +192,19 @@ def main(argv=None) -> None:
         cache = work / f"cache_{n}"
         shutil.rmtree(cache, ignore_errors=True)
         common = ["--tokenizer", tok_dir, "--data", str(data), "--max-seq-len", str(a.max_seq_len)]
+        if a.overhead:
+            prep = run_worker(["--worker", "prepare", *common, "--cache", str(cache), "--num-proc", "1"])
+            alone = run_worker(["--worker", "samples", *common])
+            row = {
+                "rows": n,
+                "prepare_1proc_s": round(prep["seconds"], 1),
+                "per_conversation_s": round(alone["seconds"], 1),
+                "pipeline_overhead": round(prep["seconds"] / alone["seconds"] - 1, 3),
+            }
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(cache, ignore_errors=True)
+            continue
         extra = ["--num-proc", str(a.num_proc)] if a.num_proc else []
         prep = run_worker(["--worker", "prepare", *common, "--cache", str(cache), *extra])
         bare = run_worker(["--worker", "bare", *common])
@@ -185,6 +225,9 @@ def main(argv=None) -> None:
         print(json.dumps(row), flush=True)
         if not a.keep:
             shutil.rmtree(cache, ignore_errors=True)
+    if a.overhead:
+        (work / "overhead.json").write_text(json.dumps(results, indent=1))
+        return
     table = [
         "| rows | tokens | prepare_data s | rows/s | tokens/s | peak RSS main / worker GiB | bare render+tokenize s | ratio |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
