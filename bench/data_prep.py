@@ -1,4 +1,4 @@
-"""Data preparation at scale: `prepare_data` on N generated chat rows against a bare batched render + tokenize of
+"""Data preparation at scale: `prepare_data` on N generated chat (or short raw-text) rows against a bare batched render + tokenize of
 the same rows, in the same run.
 
     python bench/data_prep.py --rows 10000 100000 1000000 [--tokenizer DIR] [--num-proc N] [--work DIR]
@@ -39,8 +39,9 @@ WORDS = (
 ).split()
 
 
-def generate(path: Path, rows: int, seed: int = 0) -> None:
-    """N chat rows: a system turn in one row of three, 1-3 user/assistant turns of 5-40 and 12-72 words."""
+def generate(path: Path, rows: int, seed: int = 0, layout: str = "chat") -> None:
+    """N chat rows: a system turn in one row of three, 1-3 user/assistant turns of 5-40 and 12-72 words.
+    `layout="text"`: N raw-text rows of 5-40 words (one tokenizer call each: what is left is the pipeline)."""
     rnd = random.Random(seed)
 
     def sentence(n: int) -> str:
@@ -48,6 +49,9 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
 
     with path.open("w") as fh:
         for i in range(rows):
+            if layout == "text":
+                fh.write(json.dumps({"text": sentence(rnd.randint(5, 40))}) + "\n")
+                continue
             msgs = [{"role": "system", "content": sentence(8)}] if i % 3 == 0 else []
             for _ in range(rnd.randint(1, 3)):
                 msgs.append({"role": "user", "content": sentence(rnd.randint(5, 40))})
@@ -114,8 +118,11 @@ def worker_bare(data: Path, tok_dir: str, batch: int = 1000) -> dict:
             lines = [ln for _, ln in zip(range(batch), fh)]
             if not lines:
                 break
-            convs = [json.loads(ln)["messages"] for ln in lines]
-            texts = tok.apply_chat_template(convs, tokenize=False)
+            rows = [json.loads(ln) for ln in lines]
+            if "text" in rows[0]:
+                texts = [r["text"] + tok.eos_token for r in rows]
+            else:
+                texts = tok.apply_chat_template([r["messages"] for r in rows], tokenize=False)
             tokens += sum(len(x) for x in tok(texts, add_special_tokens=False)["input_ids"])
     seconds = time.perf_counter() - t0
     own, _ = peak_rss_gib()
@@ -161,6 +168,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-data"))
     p.add_argument("--keep", action="store_true", help="keep the generated files and caches")
+    p.add_argument("--layout", choices=["chat", "text"], default="chat", help="text: short raw-text rows")
     p.add_argument(
         "--overhead",
         action="store_true",
@@ -184,11 +192,11 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = a.tokenizer or tokenizer_path(work)
     results = []
-    print(f"tokenizer {tok_dir}; {os.cpu_count()} cores; num_proc {a.num_proc or 'auto'}", flush=True)
+    print(f"{a.layout} rows; tokenizer {tok_dir}; {os.cpu_count()} cores; num_proc {a.num_proc or 'auto'}", flush=True)
     for n in a.rows:
-        data = work / f"chat_{n}.jsonl"
+        data = work / f"{a.layout}_{n}.jsonl"
         if not data.exists():
-            generate(data, n)
+            generate(data, n, layout=a.layout)
         cache = work / f"cache_{n}"
         shutil.rmtree(cache, ignore_errors=True)
         common = ["--tokenizer", tok_dir, "--data", str(data), "--max-seq-len", str(a.max_seq_len)]
