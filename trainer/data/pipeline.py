@@ -344,11 +344,20 @@ def _count_rows(ds, kind: str) -> int:
     """Rows of a source; blank lines of JSON Lines do not count."""
     if kind != "json":
         return len(ds)
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    def blanks(column) -> int:
+        return pc.sum(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)).as_py() or 0
+
+    files = [f["filename"] for f in ds.cache_files]
+    if not files:
+        return len(ds) - sum(blanks(chunk) for chunk in ds.data.table.column("json").chunks)
     blank = 0
-    for chunk in ds.data.table.column("json").chunks:  # a chunk at a time: the column stays on disk
-        blank += pc.sum(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(chunk)), 0)).as_py() or 0
+    for name in files:  # read a batch at a time, not memory-mapped: the raw text never stays in this process
+        with pa.OSFile(name) as fh:
+            for batch in pa.ipc.open_stream(fh):
+                blank += blanks(batch.column(0))
     return len(ds) - blank
 
 
