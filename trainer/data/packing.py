@@ -86,17 +86,22 @@ def write_rows(samples, order: np.ndarray, starts: np.ndarray, path: Path, sampl
     Arrow file and return it memory-mapped. Row k holds samples order[starts[k]:starts[k+1]], concatenated.
     `sample_ids[i]`: the id recorded for sample i (default: i). Reads and writes ROW_BATCH rows at a time."""
     import datasets
+    import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
 
     features = row_features()
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = samples.with_format("arrow")
+    # pyarrow's take on the memory-mapped table: a batch's samples are copied once, and nothing stays behind
+    # (datasets' row indexing builds one slice per sample and holds on to memory that grows with the data).
+    table = samples.data.table
+    mapping = samples._indices.column(0).to_numpy() if samples._indices is not None else None
     with ArrowWriter(features=features, path=str(path)) as writer:
         for k0 in range(0, len(starts) - 1, ROW_BATCH):
             k1 = min(k0 + ROW_BATCH, len(starts) - 1)
             idx = order[starts[k0] : starts[k1]]
-            part = table[idx.tolist()] if len(idx) else None
-            writer.write_table(_rows_table(part, idx, starts[k0 : k1 + 1] - starts[k0], sample_ids, features), 0)
+            rows = idx if mapping is None else mapping[idx]
+            part = table.take(pa.array(rows, type=pa.int64()))
+            writer.write_table(_rows_table(part, idx, starts[k0 : k1 + 1] - starts[k0], sample_ids, features))
         writer.finalize()
     return datasets.Dataset.from_file(str(path))
 
