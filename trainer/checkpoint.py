@@ -471,8 +471,10 @@ BREAKING = [
     "model.quantization",
     "lora",
     "data.path",
+    "data.datasets",
     "data.format",
     "data.columns",
+    "data.column_types",
     "data.max_seq_len",
     "data.packing",
     "data.group_by_length",
@@ -530,6 +532,37 @@ def check_compatible(ckpt: Path, recipe: Recipe) -> list[str]:
             + ". Restore those values, or start over with --fresh."
         )
     return harmless
+
+
+def data_changes(saved: list[dict] | None, now: list[dict]) -> list[str]:
+    """What changed between the data fingerprint a checkpoint saved and the data now, one phrase per dataset, e.g.
+    'h_data.jsonl: 8 -> 3 rows, content hash differs'. [] when nothing did (or the checkpoint has no fingerprint)."""
+    if not saved:
+        return []
+    old = {d["name"]: d for d in saved}
+    changes = []
+    for d in now:
+        before = old.pop(d["name"], None)
+        label = Path(d["path"]).name or d["name"]
+        if before is None:
+            changes.append(f"{label}: not in the checkpoint's data")
+            continue
+        if before["rows"] == d["rows"] and before["sha256"] == d["sha256"]:
+            continue
+        rows = f"{before['rows']} -> {d['rows']} rows" if before["rows"] != d["rows"] else f"{d['rows']} rows"
+        changes.append(f"{label}: {rows}" + (", content hash differs" if before["sha256"] != d["sha256"] else ""))
+    changes += [f"{Path(d['path']).name or d['name']}: no longer in the data" for d in old.values()]
+    return changes
+
+
+def check_data(ckpt: Path, fingerprint: list[dict]) -> None:
+    """Refuse (UserError) to resume from `ckpt` when the data's content changed since it was saved."""
+    changes = data_changes(read_state(ckpt).get("data_fingerprint"), fingerprint)
+    if changes:
+        raise UserError(
+            f"{ckpt}: cannot resume, the data changed since this checkpoint ({'; '.join(changes)}); restore the "
+            "data it was trained on, or start over with --fresh"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- helpers

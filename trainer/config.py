@@ -67,12 +67,31 @@ class DataArgs:
     """The `data:` section: where the rows are, how they become token ids and labels, and how they are batched."""
 
     path: str = ""
-    """Required. A local .json/.jsonl/.csv/.parquet file (or a folder of them) or a hub dataset id."""
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = "auto"
-    """How a row becomes a conversation: `auto` detects it from the columns; `messages` (chat turns), `alpaca`
-    (instruction/input/output), `prompt_completion`, `text` (raw text, every token trained)."""
+    """A data file, a folder of them, or a hub dataset id (this or `datasets` is required). Files: JSON array or
+    JSON Lines (.json, .jsonl, .ndjson), CSV/TSV, Parquet, Arrow; .gz/.zst compressed too; a folder may mix them."""
+    datasets: list | None = None
+    """Several datasets mixed, instead of `path`: a list of {path, name, format, columns, column_types, weight or
+    samples, replace, split}. Missing keys take this section's values; `name` (default: the file's stem) labels the
+    stats and the per-dataset eval loss `eval/loss/NAME`. `weight` (default 1) scales a dataset's training samples:
+    0.5 takes a random half, 2 every sample twice; `samples: N` takes exactly N. Draws are without replacement
+    (whole copies first when more than the dataset holds) unless `replace: true`; seeded by `split_seed`."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
+    """How a row becomes a conversation: `auto` detects it from the columns; `messages` (chat turns with role and
+    content), `sharegpt` (`conversations` of from/value turns), `alpaca` (instruction, optional input, output),
+    `prompt_completion` (text, or lists of messages: the prompt is context, the completion is trained), `text`
+    (raw text, every token trained)."""
     columns: dict = field(default_factory=dict)
-    """Maps our column names to yours, e.g. {messages: conversation} or {prompt: question, completion: answer}."""
+    """Maps our column names to yours, e.g. {messages: conversation} or {prompt: question, completion: answer}.
+    Detected without it: instruction+output or +response, question/answer, query/response, input/output."""
+    column_types: dict = field(default_factory=dict)
+    """Types of columns that are not text, e.g. {messages: json} for a CSV cell holding JSON, {score: float}:
+    str | int | float | bool | json. CSV/TSV cells are read as the text written (no type or NA guessing)."""
+    num_proc: int | None = None
+    """Processes that tokenize (each a share of the rows); null: one per available core, 1 under 2,000 rows.
+    The result does not depend on it."""
+    wait_timeout: int = 600
+    """Seconds a process waiting for another one to prepare the data (other ranks, other nodes on shared storage)
+    waits without a sign of progress from it before stopping with a message."""
     max_seq_len: int = 1024
     """Tokens per row (>= 8). Longer samples are truncated (counted in the stats); also the packing capacity."""
     packing: bool = True
@@ -82,7 +101,7 @@ class DataArgs:
     """Without packing: rows of similar length share a step (3.6% padding instead of 41% on Alpaca); the order
     of steps stays random. Ignored when packing is on."""
     val_fraction: float = 0.05
-    """Share of rows held out for the validation loss, in [0, 1); 0: no validation."""
+    """Share of rows held out for the validation loss, in [0, 1), from each dataset; 0: no validation."""
     test_fraction: float = 0.0
     """Share of rows held out for `trainer eval` (perplexity, exact match), in [0, 1); never trained on."""
     train_on: Literal["completion", "all"] = "completion"
@@ -102,9 +121,11 @@ class DataArgs:
     """Fold a leading system turn into the first user turn (`system + blank line + user`), for templates without
     a system role (Mistral, Gemma) that refuse such conversations."""
     split_seed: int = 1234
-    """Seed of the row permutation that makes the train/val/test split (independent of train.seed)."""
+    """Seed of the row permutation that makes the train/val/test split (of each dataset) and of the draws that mix
+    `datasets` (independent of train.seed)."""
     hub_split: str = "train"
-    """Split read from a hub dataset (`data.path` a hub id); our own val/test split is made from it."""
+    """Split read from a hub dataset (`data.path` a hub id; `split` per entry of `datasets`); our own val/test
+    split is made from it."""
 
 
 @dataclass(frozen=True)
@@ -333,8 +354,20 @@ def validate(recipe: Recipe, where: str = "recipe") -> list[str]:
     """Cross-field checks; every problem, one line each."""
     p = []
     m, d, t, lora = recipe.model, recipe.data, recipe.train, recipe.lora
-    if not d.path:
-        p.append(f"{where}: data.path is required (a .json/.jsonl/.csv/.parquet file or a hub dataset id)")
+    if not d.path and not d.datasets:
+        p.append(
+            f"{where}: data.path is required (a data file, a folder of them or a hub dataset id), or data.datasets "
+            "(a list of {path: ...} to mix)"
+        )
+    elif d.path and d.datasets:
+        p.append(
+            f"{where}: give data.path or data.datasets, not both (put the path in data.datasets as a {{path: ...}})"
+        )
+    p += validate_datasets(d, where)
+    if d.num_proc is not None and d.num_proc < 1:
+        p.append(f"{where}: data.num_proc={d.num_proc} must be at least 1 (or null: one per core)")
+    if d.wait_timeout < 1:
+        p.append(f"{where}: data.wait_timeout={d.wait_timeout} must be at least 1 (seconds)")
     if d.chat_template is not None and not d.chat_template:
         p.append(f"{where}: data.chat_template is empty; use null (the model's own), a built-in name or a Jinja file")
     if d.max_seq_len < 8:
@@ -381,6 +414,68 @@ def validate(recipe: Recipe, where: str = "recipe") -> list[str]:
             p.append(f"{where}: lora.target_modules={tm!r} must be 'all-linear' or a list of module names")
     if not recipe.output_dir:
         p.append(f"{where}: output_dir is required")
+    return p
+
+
+DATASET_KEYS = ("path", "name", "format", "columns", "column_types", "weight", "samples", "replace", "split")
+"""Keys of one entry of `data.datasets`."""
+COLUMN_TYPES = ("str", "int", "float", "bool", "json")
+"""Values of `data.column_types` (and of a dataset's `column_types`)."""
+
+
+def validate_datasets(d: DataArgs, where: str) -> list[str]:
+    """Problems with `data.datasets` and `data.column_types`, one line each."""
+    p = []
+    formats = get_args(get_type_hints(DataArgs)["format"])
+
+    def check_types(key: str, types) -> None:
+        if not isinstance(types, dict):
+            p.append(f"{where}: {key} must be a mapping of column: type ({'|'.join(COLUMN_TYPES)})")
+            return
+        for col, kind in types.items():
+            if kind not in COLUMN_TYPES:
+                p.append(f"{where}: {key}.{col}={kind!r} is not a column type; use one of {'|'.join(COLUMN_TYPES)}")
+
+    check_types("data.column_types", d.column_types)
+    if d.datasets is None:
+        return p
+    if not isinstance(d.datasets, list) or not d.datasets:
+        return p + [f"{where}: data.datasets must be a non-empty list of {{path: ...}} entries"]
+    names = []
+    for i, entry in enumerate(d.datasets):
+        key = f"data.datasets[{i}]"
+        if not isinstance(entry, dict):
+            p.append(f"{where}: {key} must be a mapping such as {{path: data.jsonl, weight: 1}}")
+            continue
+        for k in entry:
+            if k not in DATASET_KEYS:
+                close = difflib.get_close_matches(str(k), DATASET_KEYS, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(DATASET_KEYS)}"
+                p.append(f"{where}: unknown key '{key}.{k}'; {hint}")
+        path = entry.get("path")
+        if not isinstance(path, str) or not path:
+            p.append(f"{where}: {key}.path is required (a data file, folder or hub dataset id)")
+        names.append(entry.get("name") or (Path(path).name.split(".")[0] if isinstance(path, str) else None))
+        if entry.get("format", "auto") not in formats:
+            p.append(f"{where}: {key}.format={entry['format']!r} is not valid; expected one of {'|'.join(formats)}")
+        if not isinstance(entry.get("columns", {}), dict):
+            p.append(f"{where}: {key}.columns must be a mapping, e.g. {{prompt: question, completion: answer}}")
+        check_types(f"{key}.column_types", entry.get("column_types", {}))
+        if "weight" in entry and "samples" in entry:
+            p.append(f"{where}: {key}: give weight or samples, not both")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or weight == float("inf"):
+            p.append(f"{where}: {key}.weight={weight!r} must be a positive number")
+        samples = entry.get("samples", 1)
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            p.append(f"{where}: {key}.samples={samples!r} must be a whole number >= 1")
+        if not isinstance(entry.get("replace", False), bool):
+            p.append(f"{where}: {key}.replace={entry['replace']!r} must be true or false")
+        if not isinstance(entry.get("split", "train"), str):
+            p.append(f"{where}: {key}.split={entry['split']!r} must be a split name such as train")
+    dupes = sorted({n for n in names if n is not None and names.count(n) > 1})
+    if dupes:
+        p.append(f"{where}: data.datasets: name {dupes[0]!r} is used twice; give each entry its own name")
     return p
 
 

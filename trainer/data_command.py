@@ -77,6 +77,8 @@ def data_command(recipe, *, show: int = 0, jsonl: Path | None = None, console=No
     )
     console.print(f"data: {describe(s)}", markup=False, soft_wrap=True)
     samples = unpack(data.train)
+    for sample, row in zip(samples, data.source_rows([x["sample_id"] for x in samples])):
+        sample["row"] = row
     for sample in samples[: max(show, 0)]:
         n_target = sum(1 for x in sample["labels"] if x != IGNORE)
         console.print(

@@ -29,16 +29,15 @@ def split_for_eval(data):
     raise UserError("the run has neither a test nor a val split (data.test_fraction and data.val_fraction are 0)")
 
 
-def conversations(recipe, source_rows: list[int]) -> list[dict]:
+def conversations(recipe, sample_ids: list[int], data) -> list[dict]:
     """Prompt messages (everything before the last assistant turn, as the template receives them) and the
-    reference reply, by source row (each row once)."""
-    from trainer.data import detect_format, prepare_messages, read_rows, row_to_messages
+    reference reply, one per source row (a row that gave several samples counts once), by sample id."""
+    from trainer.data import prepare_messages, sample_conversations
 
-    raw = read_rows(recipe.data)
-    fmt = detect_format(raw.column_names, recipe.data)
+    firsts = list({src: sid for sid, src in reversed(list(zip(sample_ids, data.sources(sample_ids))))}.values())
+    firsts.reverse()
     out = []
-    for sid in dict.fromkeys(source_rows):
-        msgs = row_to_messages(raw[sid], fmt, recipe.data.columns, f"row {sid}")
+    for sid, msgs in zip(firsts, sample_conversations(recipe.data, data, firsts)):
         if isinstance(msgs, str):
             out.append({"id": sid, "prompt": None, "reference": None})
             continue
@@ -216,7 +215,7 @@ def eval_run(run_dir: Path, *, exact_match: bool = False, merged: bool = False, 
     tokenizer = tokenizer_of(run, recipe)
     data = prepare_data(recipe.data, tokenizer, log=lambda m: None)
     split, rows = split_for_eval(data)
-    convs = conversations(recipe, [s for r in rows["sample_rows"] for s in r])
+    convs = conversations(recipe, [s for r in rows["sample_ids"] for s in r], data)
     models, deltas = _models_to_compare(run, recipe, merged, default_device(), len(tokenizer))
     report = {
         "split": split,

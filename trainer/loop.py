@@ -181,6 +181,7 @@ def train(
     meter = FlopsMeter(model, recipe.model.dtype, accelerator.device, world)  # model TFLOP/s; MFU on known GPUs
     last = {"loss": float("nan")}
     window = Window()
+    val_parts = validation_parts(data)
     session_start, wall_at_start = time.perf_counter(), state.wall_time
     try:
         while state.step < plan.total_steps:
@@ -221,10 +222,11 @@ def train(
                 tracker.log(state.step, _train_metrics(state, out, window, meter, t, plan))
                 window = Window()
             if data.val is not None and (state.step % t.eval_every == 0 or is_last):
-                last.update(_validate(model, data.val, t, accelerator, pad_id, state, tracker))
+                last.update(_validate(model, val_parts, t, accelerator, pad_id, state, tracker))
             preempted = counts["stop_votes"] > 0
             if state.step % t.save_every == 0 or is_last or preempted:
-                checkpoint.save(accelerator, model, run.root, state, recipe, log=tracker.print)
+                extra = {"data_fingerprint": data.fingerprint}  # a resume refuses data that changed since
+                checkpoint.save(accelerator, model, run.root, state, recipe, extra_state=extra, log=tracker.print)
             if preempted:
                 tracker.print(
                     f"preempted (signal {stop.signum}): checkpoint saved at step {state.step}; "
@@ -294,20 +296,43 @@ def _train_metrics(state: TrainState, out: dict, window: Window, meter: FlopsMet
     }
 
 
-def _validate(model, val_rows, t, accelerator, pad_id: int, state: TrainState, tracker) -> dict:
-    ev = dataset_loss(
-        model,
-        val_rows,
-        batch_size=t.eval_batch_size,
-        pad_id=pad_id,
-        device=accelerator.device,
-        rank=accelerator.process_index,
-        world=accelerator.num_processes,
-        reduce=lambda x: accelerator.reduce(x, reduction="sum"),
-        max_batches=t.max_eval_batches,
-    )
-    tracker.log(state.step, {"epoch": state.epoch, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
-    return {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}
+def validation_parts(data) -> dict:
+    """{name: validation rows} to evaluate: one entry (`None`: all rows) for a single dataset, one per dataset
+    (`eval/loss/NAME`) when `data.datasets` mixes several."""
+    if data.val is None:
+        return {}
+    if len(data.names) < 2:
+        return {None: data.val}
+    return data.val_by_dataset()
+
+
+def _validate(model, parts: dict, t, accelerator, pad_id: int, state: TrainState, tracker) -> dict:
+    """Validation loss (and per dataset when several): the mean over every target token of the validation rows;
+    with several datasets the overall loss weighs each dataset's mean by its target tokens."""
+    losses, loss_sum, tokens = {}, 0.0, 0
+    for name, rows in parts.items():
+        ev = dataset_loss(
+            model,
+            rows,
+            batch_size=t.eval_batch_size,
+            pad_id=pad_id,
+            device=accelerator.device,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+            reduce=lambda x: accelerator.reduce(x, reduction="sum"),
+            max_batches=t.max_eval_batches,
+        )
+        if name is None:
+            loss, ppl = ev["loss"], ev["ppl"]
+            break
+        losses[f"eval/loss/{name}"] = ev["loss"]
+        if ev["tokens"]:
+            loss_sum, tokens = loss_sum + ev["loss"] * ev["tokens"], tokens + ev["tokens"]
+    else:
+        loss = loss_sum / tokens if tokens else float("nan")
+        ppl = math.exp(min(loss, 50.0)) if tokens else float("nan")
+    tracker.log(state.step, {"epoch": state.epoch, "eval_loss": loss, "eval_ppl": ppl, **losses})
+    return {"eval_loss": loss, "eval_ppl": ppl, **losses}
 
 
 def _check_finite(out: dict, state: TrainState, sample_ids: list[int], world: int, tracker, max_bad_steps: int):

@@ -43,14 +43,16 @@ TB_NAMES = {
 
 
 class Tracker:
-    def __init__(self, run: RunDir, total_steps: int, start_step: int, show_progress: bool = True):
+    def __init__(self, run: RunDir, total_steps: int, start_step: int, show_progress: bool = True, extra_fields=()):
         from torch.utils.tensorboard import SummaryWriter
 
         self.csv_path = run.metrics
-        keep_rows_up_to(self.csv_path, start_step)  # a resumed run rewrites what came after its checkpoint
+        self.extra = list(extra_fields)  # e.g. eval/loss/NAME per dataset: a CSV column and a TensorBoard tag each
+        fields = CSV_FIELDS + self.extra
+        keep_rows_up_to(self.csv_path, start_step, fields)  # a resumed run rewrites what came after its checkpoint
         new = not self.csv_path.exists()
         self._csv_file = self.csv_path.open("a", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=fields, extrasaction="ignore")
         if new:
             self._csv.writeheader()
         self.tb = SummaryWriter(str(run.tensorboard), purge_step=start_step or None)
@@ -72,7 +74,7 @@ class Tracker:
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
         self._csv.writerow({"step": step, **row})
         self._csv_file.flush()
-        for key, name in TB_NAMES.items():
+        for key, name in [*TB_NAMES.items(), *((k, k) for k in self.extra)]:
             value = metrics.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(name, value, step)
@@ -117,21 +119,27 @@ class NullTracker:
         pass
 
 
-def make_tracker(is_main: bool, run: RunDir, total_steps: int, start_step: int, show_progress: bool = True):
-    """The Tracker on rank 0, a no-op elsewhere."""
-    return Tracker(run, total_steps, start_step, show_progress) if is_main else NullTracker()
+def make_tracker(
+    is_main: bool, run: RunDir, total_steps: int, start_step: int, show_progress: bool = True, extra_fields=()
+):
+    """The Tracker on rank 0, a no-op elsewhere. `extra_fields`: metrics beyond CSV_FIELDS (eval/loss/NAME)."""
+    return Tracker(run, total_steps, start_step, show_progress, extra_fields) if is_main else NullTracker()
 
 
-def keep_rows_up_to(path: Path, step: int) -> None:
+def keep_rows_up_to(path: Path, step: int, fields: list[str] | None = None) -> None:
+    """Drop metrics.csv rows after `step` (a resumed run writes them again); the header becomes `fields`."""
     if not path.exists():
         return
     with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        header = reader.fieldnames
     kept = [r for r in rows if r.get("step") and int(r["step"]) <= step]
-    if len(kept) == len(rows):
+    fields = fields or CSV_FIELDS
+    if len(kept) == len(rows) and header == fields:
         return
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(kept)
 

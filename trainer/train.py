@@ -16,7 +16,7 @@ import torch
 from trainer import checkpoint
 from trainer.config import Recipe, dump_yaml
 from trainer.data import describe, prepare_data
-from trainer.distributed import build_accelerator, main_first, world_info
+from trainer.distributed import build_accelerator, world_info
 from trainer.dtypes import MIXED_PRECISION
 from trainer.errors import UserError
 from trainer.loop import PREEMPTED_EXIT, NonFiniteLoss, make_plan, peak_memory_gib, train
@@ -40,7 +40,7 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
     chat = run_tokenizer(recipe.model.name_or_path, recipe.data)  # pad token, chat template, stop tokens: once, here
     tokenizer = chat.tokenizer
     log(_describe_chat(chat))
-    data, data_prepare_s = _setup_data(recipe, tokenizer, accelerator, log)
+    data, data_prepare_s = _setup_data(recipe, tokenizer, accelerator, log, ckpt)
     model, optimizer, model_load_s = _setup_model(recipe, accelerator, log, chat)
     # `used`: the data settings as trained (packing off after a failed check) for the data and the step plan;
     # config.yaml and checkpoints keep the user's recipe, so a resume decides the same way again.
@@ -53,7 +53,7 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
                 f"it: log-prob change {packing['leak']:.2g}); training one sample per row, grouped by length"
             )
             used = replace(recipe, data=replace(recipe.data, packing=False, group_by_length=True))
-            data, more_s = _setup_data(used, tokenizer, accelerator, log)
+            data, more_s = _setup_data(used, tokenizer, accelerator, log, ckpt)
             data_prepare_s += more_s
     state = TrainState(data_seed=recipe.train.seed)
     if ckpt is not None:
@@ -63,7 +63,8 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
     if accelerator.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
         run.config.write_text(dump_yaml(recipe))
-    tracker = make_tracker(accelerator.is_main_process, run, plan.total_steps, state.step, show_progress)
+    per_dataset = [f"eval/loss/{name}" for name in data.names] if len(data.names) > 1 and data.val else []
+    tracker = make_tracker(accelerator.is_main_process, run, plan.total_steps, state.step, show_progress, per_dataset)
     info = world_info(accelerator)
     log(
         f"train: {plan.total_steps} steps of {plan.rows_per_step} rows ({plan.steps_per_epoch} per epoch), "
@@ -107,11 +108,13 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
     return summary
 
 
-def _setup_data(recipe: Recipe, tokenizer, accelerator, log):
-    """The prepared data (rank 0 tokenizes and fills the cache, the others read it) and the seconds it took."""
+def _setup_data(recipe: Recipe, tokenizer, accelerator, log, ckpt: Path | None):
+    """The prepared data and the seconds it took. The first process of each node prepares it (one in all when the
+    cache is on shared storage: `KEY.lock`), the others wait for the cache and stop with a message if it shows no
+    progress for data.wait_timeout. A resume whose data changed since `ckpt` is refused before any tokenizing."""
     t0 = time.perf_counter()
-    with main_first(accelerator):
-        data = prepare_data(recipe.data, tokenizer, log=log)
+    check = (lambda fingerprint: checkpoint.check_data(ckpt, fingerprint)) if ckpt is not None else None
+    data = prepare_data(recipe.data, tokenizer, log=log, check=check, wait=not accelerator.is_local_main_process)
     seconds = time.perf_counter() - t0
     log(f"data: {describe(data.stats)} ({seconds:.1f} s)")
     return data, seconds

@@ -706,3 +706,110 @@ def test_non_finite_on_one_rank_is_skipped_by_all_ranks_and_logged_with_every_ra
     assert [rows[(s, "train")]["skipped"] for s in (1, 2, 3)] == [0, 1, 1]
     assert rows[(2, "train")]["loss"] != rows[(2, "train")]["loss"]  # NaN, logged as such
     assert json.loads((run_dir / "run_summary.json").read_text())["skipped_steps"] == 1
+
+
+# ----------------------------------------------------------------------------------------------- data changes, mixes
+def test_case13_resume_after_the_data_changed_is_refused_then_restored_data_resumes(tmp_path, tiny_model_dir):
+    """Case 13: the data file edited in place between runs: refused in one line naming what changed, exit 2, the
+    checkpoint untouched; with the old file back the same command resumes."""
+    data = tmp_path / "h_data.jsonl"
+    v1 = "".join(json.dumps({"prompt": f"Say the number {i}.", "completion": str(i)}) + "\n" for i in range(8))
+    v2 = "".join(
+        json.dumps({"prompt": f"Translate {w} to French.", "completion": f}) + "\n"
+        for w, f in (("cat", "chat"), ("dog", "chien"), ("house", "maison"))
+    )
+    data.write_text(v1)
+    raw = tiny_recipe(
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
+        data={"max_seq_len": 128, "val_fraction": 0.0},
+        train={"max_steps": 2, "micro_batch_size": 2, "grad_accum": 1, "save_every": 1},
+    )
+    recipe = write_recipe(tmp_path, raw)
+    run(train_cmd(recipe))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2"
+    saved = json.loads((ckpt / "trainer_state.json").read_text())["data_fingerprint"]
+    assert [(d["name"], d["rows"]) for d in saved] == [("h_data", 8)]
+    before = tree_digest(tmp_path / "run")
+    data.write_text(v2)
+    out = run(train_cmd(recipe, "train.max_steps=4"), expect=2)
+    assert out.stderr.strip() == (
+        f"error: {ckpt}: cannot resume, the data changed since this checkpoint (h_data.jsonl: 8 -> 3 rows, content "
+        "hash differs); restore the data it was trained on, or start over with --fresh"
+    )
+    assert tree_digest(tmp_path / "run") == before
+    data.write_text(v1)
+    out = run(train_cmd(recipe, "train.max_steps=4"))
+    assert resumed_from(out.stdout, tmp_path / "run") == 2
+    assert step_of(checkpoint.find_resumable(tmp_path / "run")) == 4
+
+
+def write_mix_data(folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    sums = folder / "sums.jsonl"
+    sums.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {i} plus {i % 7}?", "completion": str(i + i % 7)}) + "\n" for i in range(24)
+        )
+    )
+    chat = folder / "chat.csv"
+    chat.write_text("question,answer\n" + "".join(f"Name the colour number {i}.,Colour {i:03d}\n" for i in range(16)))
+    return sums, chat
+
+
+@pytest.mark.slow
+def test_mixed_datasets_kill9_and_resume_ends_bit_identical_with_eval_loss_per_dataset(tmp_path, tiny_model_dir):
+    """data.datasets (weight 2 and a fixed 10 samples, JSON Lines and CSV): a run killed with SIGKILL mid-way and
+    resumed ends with the same adapter and metrics as an uninterrupted one; metrics.csv has eval/loss/NAME."""
+    sums, chat = write_mix_data(tmp_path / "data")
+
+    def raw(out: Path) -> dict:
+        return tiny_recipe(
+            tiny_model_dir,
+            sums,
+            out,
+            lora={"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
+            data={
+                "path": "",
+                "datasets": [{"path": str(sums), "weight": 2}, {"path": str(chat), "name": "colours", "samples": 10}],
+                "max_seq_len": 64,
+                "val_fraction": 0.2,
+            },
+            train={"max_steps": 8, "save_every": 2, "eval_every": 4, "log_every": 1, "keep_last": 5},
+        )
+
+    ref_dir = tmp_path / "ref"
+    out = run(train_cmd(write_recipe(tmp_path / "r1", raw(ref_dir))))
+    assert "sums (prompt_completion): 24 rows, train 38 samples drawn of 19, val 5, test 0" in out.stdout
+    assert "colours (prompt_completion): 16 rows, train 10 samples drawn of 13, val 3, test 0" in out.stdout
+    with (ref_dir / "metrics.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    evals = [r for r in rows if r["eval_loss"]]
+    assert [int(r["step"]) for r in evals] == [4, 8]
+    for r in evals:
+        per = [float(r["eval/loss/sums"]), float(r["eval/loss/colours"])]
+        assert min(per) <= float(r["eval_loss"]) <= max(per) and per[0] != per[1]
+
+    killed_dir = tmp_path / "killed"
+    recipe = write_recipe(tmp_path / "r2", raw(killed_dir))
+    child = Child(train_cmd(recipe), tmp_path / "killed.log")
+    child.wait_for(
+        "step 5",
+        lambda: "\n5," in (killed_dir / "metrics.csv").read_text() if (killed_dir / "metrics.csv").exists() else False,
+    )
+    assert child.kill(signal.SIGKILL) == -signal.SIGKILL
+    out = run(train_cmd(recipe))
+    assert resumed_from(out.stdout, killed_dir) in (4, 6)
+    assert max_diff(adapter(killed_dir / "adapter"), adapter(ref_dir / "adapter")) == 0.0
+    cols = (
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples_seen",
+        "tokens_seen",
+        "eval_loss",
+        "eval/loss/sums",
+        "eval/loss/colours",
+    )
+    assert_rows_equal(metric_rows(killed_dir, cols), metric_rows(ref_dir, cols))

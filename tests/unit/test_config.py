@@ -31,7 +31,7 @@ def test_bad_values_name_key_and_allowed(tmp_path):
     with pytest.raises(UserError) as e:
         load_recipe(write(tmp_path, "data: {path: x, format: csvv}\ntrain: {scheduler: step, micro_batch_size: two}\n"))
     msg = str(e.value)
-    assert "data.format='csvv'" in msg and "auto|messages|alpaca|prompt_completion|text" in msg
+    assert "data.format='csvv'" in msg and "auto|messages|sharegpt|alpaca|prompt_completion|text" in msg
     assert "train.scheduler='step'" in msg and "cosine|linear|constant" in msg
     assert "train.micro_batch_size='two'" in msg and "an integer" in msg
     assert len(msg.splitlines()) == 3  # every problem at once, one line each

@@ -154,7 +154,7 @@ def test_case_14_rows_train_through_prepare_data(tmp_path):
     assert data.stats["train"]["samples"] == 3 and data.stats["samples"] == 3
     sep = prepare_data(DataArgs(**cfg, rewritten_turns="separate"), tok, cache_root=tmp_path / "c", log=print)
     assert sep.train["sample_ids"] == [[0], [1], [2], [3], [4], [5]]
-    assert sep.train["sample_rows"] == [[0], [0], [1], [1], [2], [2]]
+    assert sep.source_rows([s for r in sep.train["sample_ids"] for s in r]) == [0, 0, 1, 1, 2, 2]
 
 
 def test_extra_message_keys_reach_the_template(tokenizer):

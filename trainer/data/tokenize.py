@@ -22,7 +22,6 @@ sample of its own, rendered as the last turn (reasoning kept), and not in F.
 from __future__ import annotations
 
 from trainer.config import DataArgs
-from trainer.data.formats import row_to_messages
 from trainer.errors import UserError
 from trainer.tokenizer import encode_chat, render_chat
 
@@ -241,31 +240,3 @@ def tokenize_sample(tokenizer, sample, data: DataArgs) -> list[tuple[list[int], 
     if isinstance(sample, str):
         return [tokenize_text(tokenizer, sample)]
     return tokenize_chat(tokenizer, prepare_messages(sample, data), data)
-
-
-def tokenize_rows(ds, tokenizer, cfg: DataArgs, fmt: str, source: str):
-    """Raw rows -> tokenized samples: `input_ids`, `labels` (truncated to max_seq_len), `row` (the source row),
-    `sample_id` (a running index over samples), `length`, `n_target`, `truncated`. An error names the row."""
-    jsonl = source.endswith(".jsonl")
-
-    def one_batch(rows: dict, indices: list[int]) -> dict:
-        out = {k: [] for k in ("input_ids", "labels", "row", "length", "n_target", "truncated")}
-        for j, idx in enumerate(indices):
-            where = f"{source}:{idx + 1}" if jsonl else f"{source} row {idx}"
-            sample = row_to_messages({k: v[j] for k, v in rows.items()}, fmt, cfg.columns, where)
-            try:
-                pieces = tokenize_sample(tokenizer, sample, cfg)
-            except UserError as err:
-                raise UserError(f"{where}: {err}") from None
-            for ids, labels in pieces:
-                out["truncated"].append(len(ids) > cfg.max_seq_len)
-                ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
-                out["input_ids"].append(ids)
-                out["labels"].append(labels)
-                out["row"].append(idx)
-                out["length"].append(len(ids))
-                out["n_target"].append(sum(1 for x in labels if x != IGNORE))
-        return out
-
-    out = ds.map(one_batch, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
-    return out.add_column("sample_id", list(range(len(out))))
