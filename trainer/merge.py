@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.artifacts import adapter_dir, read_recipe, tokenizer_of
+from trainer.artifacts import Tuned, read_recipe, tokenizer_of, tuned_source
+from trainer.checkpoint import write_manifest
 from trainer.errors import UserError
 from trainer.generate import render_prompt, stop_token_ids
 from trainer.model import default_device, load_tuned
@@ -43,14 +44,17 @@ def logits_of(model, inputs: dict) -> torch.Tensor:
     return out[inputs["attention_mask"].bool()]
 
 
-def merge_run(run_dir: Path, log=print) -> dict:
+def merge_run(run_dir: Path, log=print, source: Tuned | None = None) -> dict:
     """`trainer merge RUN_DIR`: base + adapter merged -> RUN_DIR/merged/ (weights, tokenizer, generation config
-    with the stop tokens, merge_report.json with the logits checks). Returns the report."""
+    with the stop tokens, merge_report.json with the logits checks, manifest.json last). `source`: which adapter
+    (`artifacts.tuned_source`; default the final one, or the newest verified checkpoint's of an unfinished run,
+    whose merge goes to RUN_DIR/merged-step-N/). Returns the report."""
     run = RunDir(run_dir)
     recipe = read_recipe(run)
     if recipe.lora is None:
         raise UserError(f"{run.root}: a full fine-tune has nothing to merge; its model is in {run.model}")
-    adapter = adapter_dir(run)
+    source = source or tuned_source(run.root, log=log)
+    adapter = source.adapter
     tokenizer = tokenizer_of(run, recipe)
     device = default_device()
     tuned = load_tuned(recipe, adapter, device_map={"": device})
@@ -60,6 +64,7 @@ def merge_run(run_dir: Path, log=print) -> dict:
     merged_logits = logits_of(merged, inputs)
     report = {
         "adapter": str(adapter),
+        "source": source.label,
         "dtype": recipe.model.dtype,
         "check_prompts": len(CHECK_PROMPTS),
         "max_abs_diff_merged_vs_adapter": float((merged_logits - with_adapter).abs().max()),
@@ -75,7 +80,8 @@ def merge_run(run_dir: Path, log=print) -> dict:
             "(the NF4 quantization error: the adapter was trained against the 4-bit weights)"
         )
         del q
-    out = run.merged
+    out = source.merged
+    (out / "manifest.json").unlink(missing_ok=True)  # incomplete until the new manifest is written, last
     merged.save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(tokenizer, out)
     stops = stop_token_ids(tokenizer)
@@ -83,6 +89,7 @@ def merge_run(run_dir: Path, log=print) -> dict:
         merged.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.generation_config.save_pretrained(str(out))
-    run.merge_report.write_text(json.dumps(report, indent=1))
-    log(f"merge: wrote {out}")
+    (out / run.merge_report.name).write_text(json.dumps(report, indent=1))
+    write_manifest(out)
+    log(f"merge: wrote {out} (from {source.label})")
     return report

@@ -18,18 +18,39 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def source_args(name_or_path: str) -> tuple[str, dict]:
-    """(path for from_pretrained, extra kwargs): a `.gguf` file loads from its folder with `gguf_file=`."""
+def source_args(name_or_path: str, tokenizer_only: bool = False) -> tuple[str, dict]:
+    """(path for from_pretrained, extra kwargs): a `.gguf` file loads from its folder with `gguf_file=`; a local
+    folder is checked first (`trainer.preflight.check_model`: config.json, complete weights; only the tokenizer
+    files with `tokenizer_only`); a hub id gets `local_files_only` when the hub cannot be reached but the model is
+    cached (UserError at once when not)."""
+    from trainer.preflight import check_model, hub_kwargs, is_local
+
     p = Path(name_or_path).expanduser()
+    if not is_local(name_or_path):
+        return name_or_path, hub_kwargs(name_or_path)
+    check_model(name_or_path, tokenizer_only=tokenizer_only)
     if p.suffix == ".gguf":
-        if not p.is_file():
-            raise UserError(f"model.name_or_path: {p} not found")
         return str(p.parent), {"gguf_file": p.name}
-    if p.exists():
-        return str(p), {}
-    if p.is_absolute() or name_or_path.startswith((".", "~")):
-        raise UserError(f"model.name_or_path: {p} not found; give a model folder, a .gguf file or a hub id")
-    return name_or_path, {}
+    return str(p), {}
+
+
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, UnicodeDecodeError)
+"""What transformers / peft / safetensors / torch.load raise for a file they cannot read (safetensors'
+SafetensorError and pickle's UnpicklingError are subclasses of these or added where imported)."""
+
+
+def load_errors() -> tuple:
+    """LOAD_ERRORS plus the loaders' own exception types."""
+    import pickle
+
+    extra = [pickle.UnpicklingError]
+    try:
+        from safetensors import SafetensorError
+
+        extra.append(SafetensorError)
+    except ImportError:  # older safetensors: it raises a plain exception subclass
+        pass
+    return (*LOAD_ERRORS, *extra)
 
 
 def load_base(cfg: ModelArgs, *, dtype: torch.dtype, quantize: bool, device_map=None):
@@ -51,11 +72,16 @@ def load_base(cfg: ModelArgs, *, dtype: torch.dtype, quantize: bool, device_map=
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise UserError(f"model.name_or_path: cannot load '{cfg.name_or_path}': {str(err).splitlines()[0]}") from None
+    except load_errors() as err:
+        raise UserError(f"model.name_or_path: cannot load '{cfg.name_or_path}': {_first_line(err)}") from None
     detach_gguf_quantizer(model)
     model.config.use_cache = False
     return model
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def detach_gguf_quantizer(model) -> None:
@@ -128,5 +154,11 @@ def load_tuned(recipe, adapter: Path, *, quantized: bool = False, device_map=Non
     in eval mode."""
     from peft import PeftModel
 
+    from trainer.preflight import check_adapter_folder
+
+    check_adapter_folder(adapter)
     base = load_base(recipe.model, dtype=torch_dtype(recipe.model.dtype), quantize=quantized, device_map=device_map)
-    return PeftModel.from_pretrained(base, str(adapter)).eval()
+    try:
+        return PeftModel.from_pretrained(base, str(adapter)).eval()
+    except load_errors() as err:
+        raise UserError(f"{adapter}: cannot load the adapter: {_first_line(err)}") from None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,8 +92,9 @@ def prepare_data(cfg: DataArgs, tokenizer, cache_root: Path | None = None, log=p
     datasets.disable_progress_bars()  # our own one-line summary says what happened
     key = cache_key(cfg, tokenizer)
     cache_dir = (cache_root or default_cache_root()) / "data" / key
-    if (cache_dir / "stats.json").exists():
-        stats = json.loads((cache_dir / "stats.json").read_text())
+    remove_stale_temp_folders(cache_dir.parent)
+    stats = _cached_stats(cache_dir)
+    if stats is not None:
         splits = {
             s: datasets.load_from_disk(str(cache_dir / s)) if (cache_dir / s).exists() else None
             for s in ("train", "val", "test")
@@ -114,6 +117,15 @@ def prepare_data(cfg: DataArgs, tokenizer, cache_root: Path | None = None, log=p
         truncated = int(sum(part["truncated"]))
         keep = part.filter(lambda s: s["n_target"] > 0)
         dropped = len(part) - len(keep)
+        if name == "train" and len(keep) == 0:  # nothing to train on: say why, and cache nothing
+            raise UserError(
+                f"data: all {len(part)} training samples of {source} lost every target token ({truncated} "
+                f"truncated at data.max_seq_len={cfg.max_seq_len}, longest {max(part['length'], default=0)} "
+                "tokens after truncation); raise data.max_seq_len or shorten the prompts"
+            )
+        if len(keep) == 0:
+            splits[name] = None
+            continue
         rows = pack(keep, cfg.max_seq_len) if cfg.packing and name == "train" else as_rows(keep)
         real = int(sum(rows["length"]))
         capacity = len(rows) * cfg.max_seq_len if cfg.packing and name == "train" else real
@@ -127,12 +139,18 @@ def prepare_data(cfg: DataArgs, tokenizer, cache_root: Path | None = None, log=p
             "pack_fill": round(real / capacity, 4) if capacity else 1.0,
         }
         splits[name] = rows
-    tmp = cache_dir.with_name(cache_dir.name + f".tmp{random.randrange(1 << 30)}")
+    tmp = cache_dir.with_name(
+        f"{cache_dir.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}-{random.randrange(1 << 30)}"
+    )
     try:
         for name, rows in splits.items():
             if rows is not None:
                 rows.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+        if cache_dir.exists() and _cached_stats(cache_dir) is None:  # an unusable entry of an earlier version
+            import shutil
+
+            shutil.rmtree(cache_dir, ignore_errors=True)
         if not cache_dir.exists():
             tmp.rename(cache_dir)
     except OSError as err:  # a read-only cache is no reason to stop training
@@ -146,6 +164,75 @@ def prepare_data(cfg: DataArgs, tokenizer, cache_root: Path | None = None, log=p
     if cache_dir is not None:  # serve from disk (memory-mapped) like a cache hit would
         splits = {s: datasets.load_from_disk(str(cache_dir / s)) if (cache_dir / s).exists() else None for s in splits}
     return PreparedData(splits["train"], splits.get("val"), splits.get("test"), stats, cache_dir, fmt)
+
+
+TMP_MARK = ".tmp-"
+"""A cache entry is written to `KEY.tmp-HOST-PID-N/` and renamed to `KEY/` when complete."""
+
+STALE_AFTER_S = 24 * 3600
+"""A temp folder of another host (whose process we cannot ask about) is stale after this long."""
+
+
+def remove_stale_temp_folders(root: Path) -> list[Path]:
+    """Remove the temp folders of cache writes that were killed (SIGKILL, power loss: no `finally` ran): those of
+    this host whose process is gone, those of other hosts older than STALE_AFTER_S, and the `KEY.tmpNNN` ones of
+    earlier versions older than an hour. A write in progress (its process alive) is never touched."""
+    import shutil
+
+    removed = []
+    if not root.is_dir():
+        return removed
+    host = socket.gethostname()
+    for folder in root.iterdir():
+        name = folder.name
+        if TMP_MARK in name:
+            tail = name.split(TMP_MARK, 1)[1]
+            owner_host, _, rest = tail.rpartition("-")[0].rpartition("-")
+            pid = int(rest) if rest.isdigit() else -1
+            if owner_host == host:
+                stale = pid > 0 and not _alive(pid)
+            else:
+                stale = _age(folder) > STALE_AFTER_S
+        elif ".tmp" in name and name.split(".tmp", 1)[1].isdigit():
+            stale = _age(folder) > 3600
+        else:
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _age(folder: Path) -> float:
+    import time
+
+    try:
+        return time.time() - folder.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _cached_stats(cache_dir: Path) -> dict | None:
+    """The stats of a complete cache entry with training rows, else None (rebuilt: an entry with an empty train
+    split was written by earlier versions, and every run would fail on it)."""
+    try:
+        stats = json.loads((cache_dir / "stats.json").read_text())
+    except (OSError, ValueError):
+        return None
+    train = stats.get("train") if isinstance(stats, dict) else None
+    if not isinstance(train, dict) or not train.get("samples") or not (cache_dir / "train").is_dir():
+        return None
+    return stats
 
 
 def describe(stats: dict) -> str:
