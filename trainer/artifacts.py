@@ -41,8 +41,11 @@ def read_recipe(run: RunDir):
         raise UserError(f"{run.root}: no such folder; pass the output_dir of a `trainer train` run")
     if not run.root.is_dir():
         raise UserError(f"{run.root}: is a file; pass the output_dir of a `trainer train` run (a folder)")
-    if not run.exists_as_run():
-        raise UserError(f"{run.root}: not a run folder (no config.yaml); pass the output_dir of a `trainer train` run")
+    if not run.exists_as_run() or not run.is_run_folder():
+        raise UserError(
+            f"{run.root}: not a run folder (no {run.marker.name} and config.yaml); pass the output_dir of a "
+            "`trainer train` run"
+        )
     return load_recipe(run.config)
 
 

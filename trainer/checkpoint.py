@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from trainer.config import Recipe, dump_yaml, recipe_hash
 from trainer.distributed import is_deepspeed
 from trainer.errors import UserError
-from trainer.files import disk_error, fsync_dir, read_json, read_yaml_mapping
+from trainer.files import disk_error, fsync_dir, read_json, read_yaml_mapping, utf8_problem
 from trainer.run_dir import RunDir
 from trainer.state import TrainState
 
@@ -295,9 +295,12 @@ def verify(folder: Path) -> str | None:
     problem = _entry_problem(folder, base, "manifest.json")
     if problem:
         return problem
+    raw = mf.read_bytes()
+    if utf8_problem(raw):
+        return f"manifest.json: {utf8_problem(raw)}"
     try:
-        files = json.loads(mf.read_bytes().decode("utf-8"))["files"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        files = json.loads(raw.decode("utf-8"))["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
         return "manifest.json is unreadable"
     if not isinstance(files, dict) or not all(_meta_ok(m) for m in files.values()):
         return "manifest.json is unreadable (an entry without an integer size and a sha256)"
@@ -326,10 +329,13 @@ def verify(folder: Path) -> str | None:
             if name in filenames and rel != "manifest.json" and rel not in files:
                 return f"{rel} is not in manifest.json (not written by this save; never loaded)"
     if "trainer_state.json" in files:
+        raw = (folder / "trainer_state.json").read_bytes()
+        if utf8_problem(raw):
+            return f"trainer_state.json: {utf8_problem(raw)}"
         try:
-            state = json.loads((folder / "trainer_state.json").read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return "trainer_state.json is not valid JSON"
+            state = json.loads(raw.decode("utf-8"))
+        except json.JSONDecodeError as err:
+            return f"trainer_state.json:{err.lineno}: not valid JSON ({err.msg})"
         problem = state_problem(state)
         if problem:
             return f"trainer_state.json: {problem}"

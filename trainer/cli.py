@@ -243,7 +243,7 @@ def _fail(message: str) -> int:
 
         if not is_main():
             return USER_ERROR_EXIT
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    print("\n".join(f"error: {line}" for line in message.splitlines()), file=sys.stderr, flush=True)
     return USER_ERROR_EXIT
 
 

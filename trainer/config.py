@@ -431,7 +431,7 @@ def _coerce(hint, value):
             try:
                 value = float(value.strip())
             except ValueError:
-                return False, value, "a number"
+                return False, value, "a finite number"
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return ok, float(value) if ok else value, "a finite number"
     if hint is str:
