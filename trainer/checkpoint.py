@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from trainer.config import Recipe, dump_yaml, recipe_hash
 from trainer.distributed import is_deepspeed
 from trainer.errors import UserError
-from trainer.files import disk_error, fsync_dir, read_json, read_yaml_mapping, utf8_problem
+from trainer.files import as_storage_error, disk_error, fsync_dir, read_json, read_yaml_mapping, utf8_problem
 from trainer.run_dir import RunDir
 from trainer.state import TrainState
 
@@ -77,8 +77,8 @@ def save(
     try:
         accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True, **_save_kwargs(accelerator))
         _write_json(tmp / "rng" / f"rank-{accelerator.process_index}.json", rng_state())
-    except OSError as err:  # disk full, read-only, quota, I/O error: every rank must learn of it (no hang)
-        failed = err
+    except Exception as err:  # noqa: BLE001 - disk full, read-only, quota: every rank must learn of it (no hang)
+        failed = _storage_error(err, tmp)
     adapter = trainable_state_dict(accelerator, model) if is_peft(accelerator, model) else None  # every rank
     _stop_if_any_failed(accelerator, failed, run_dir, tmp, model)
     if accelerator.is_main_process:
@@ -98,8 +98,8 @@ def save(
             write_manifest(tmp)
             _fsync_tree(tmp)
             publish(root, tmp, final)
-        except OSError as err:
-            failed = err
+        except Exception as err:  # noqa: BLE001
+            failed = _storage_error(err, tmp)
     _stop_if_any_failed(accelerator, failed, run_dir, tmp, model)
     if accelerator.is_main_process:
         prune(root, recipe.train.keep_last, upto=state.step)
@@ -127,6 +127,14 @@ def publish(root: Path, tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
     fsync_dir(root)
     _write_latest(root, final.name)
+
+
+def _storage_error(err: Exception, tmp: Path) -> OSError:
+    """The storage failure behind `err` (`trainer.files.as_storage_error`); anything else is re-raised."""
+    storage = as_storage_error(err, tmp if tmp.exists() else tmp.parent)
+    if storage is None:
+        raise err
+    return storage
 
 
 def _stop_if_any_failed(accelerator, failed: OSError | None, run_dir: Path, tmp: Path, model) -> None:

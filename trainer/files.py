@@ -209,5 +209,34 @@ def disk_error(err: OSError, path: Path | None = None, needed: int | None = None
     return "; ".join(parts)
 
 
+def as_storage_error(err: BaseException, folder: Path) -> OSError | None:
+    """The storage failure behind an exception raised while writing into `folder`, or None if it is not one.
+
+    Writers do not all raise OSError: safetensors raises SafetensorError("... I/O error: No space left on device
+    (os error 28)") and torch.save a RuntimeError("... file write failed"). Those are turned into the OSError they
+    stand for, from the `os error N` in the message or, failing that, by probing the folder: a 1-byte write that
+    fails, or less than 1 MiB free, is the storage's refusal."""
+    import re
+
+    if isinstance(err, OSError):
+        return err
+    match = re.search(r"os error (\d+)", str(err))
+    if match:
+        n = int(match.group(1))
+        return OSError(n, os.strerror(n), str(folder))
+    if not isinstance(err, (RuntimeError, ValueError)) and type(err).__name__ != "SafetensorError":
+        return None
+    probe = Path(folder) / ".write-probe"
+    try:
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as refused:
+        return OSError(refused.errno, refused.strerror, str(folder))
+    free = free_bytes(folder)
+    if free is not None and free < 1 << 20:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+    return None
+
+
 def _what(what: str) -> str:
     return f" ({what})" if what else ""

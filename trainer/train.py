@@ -19,7 +19,7 @@ from trainer.data import describe, prepare_data
 from trainer.distributed import build_accelerator, describe_launch, is_main, main_first, world_info
 from trainer.dtypes import MIXED_PRECISION
 from trainer.errors import UserError
-from trainer.files import atomic_write_text, disk_error
+from trainer.files import as_storage_error, atomic_write_text, disk_error
 from trainer.loop import PREEMPTED_EXIT, NonFiniteLoss, StopRequest, StopSignal, make_plan, peak_memory_gib, train
 from trainer.model import build_model
 from trainer.optim import build_optimizer
@@ -308,11 +308,14 @@ def _save_final(accelerator, model, tokenizer, run: RunDir) -> None:
             unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=accelerator.get_state_dict(model))
         save_tokenizer(tokenizer, out)  # the exact tokenizer and chat template used in training
         checkpoint.write_manifest(out)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - a refused write is one line; anything else is raised as it is
+        storage = as_storage_error(err, out if out.exists() else run.root)
+        if storage is None:
+            raise
         last = checkpoint.find_resumable(run.root, log=lambda m: None)
         kept = f"the last complete checkpoint {last} holds the trained weights" if last else "no checkpoint was saved"
         raise UserError(
-            f"train: cannot write {out.name}/: {disk_error(err, out)}; {kept}. Free space and rerun the same "
+            f"train: cannot write {out.name}/: {disk_error(storage, out)}; {kept}. Free space and rerun the same "
             "command: it resumes from there and writes the final result again"
         ) from None
 
