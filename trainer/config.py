@@ -427,13 +427,14 @@ def _coerce(hint, value):
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if hint is float:
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
             try:
-                value = float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 return False, value, "a finite number"
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return ok, float(value) if ok else value, "a finite number"
+        ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+        return ok, float(number) if ok else value, "a finite number"  # a refused value is shown as written
     if hint is str:
         return isinstance(value, str), value, "a string"
     if hint is dict or origin is dict:

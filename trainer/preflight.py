@@ -158,7 +158,7 @@ def hub_unreachable() -> str | None:
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(HUB_PROBE_TIMEOUT_S + 1)
-    return result[0] if result else f"{host}: no answer within {HUB_PROBE_TIMEOUT_S:.0f} s"
+    return result[0] if result else f"{host}: no answer within {HUB_PROBE_TIMEOUT_S:g} s"
 
 
 def hub_cached(repo_id: str, filename: str = "config.json") -> bool:

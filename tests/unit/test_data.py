@@ -1,6 +1,7 @@
 """Formats, chat rendering, label masks token by token, packing, splits, bad input."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -222,3 +223,67 @@ def test_packed_batch_equals_samples_one_by_one(tmp_path, tokenizer):
         leaky = dict(packed, position_ids=torch.arange(2048).expand_as(packed["input_ids"]))
         leak_loss, _ = token_loss_sum(model, leaky)
     assert abs(float(leak_loss / n - total_alone)) > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------- faults (issue 16)
+def test_an_empty_train_split_is_one_line_and_caches_nothing(tmp_path, tokenizer):
+    long = " ".join(["word"] * 100)
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long, "completion": "ok"} for _ in range(10)])
+    cfg = DataArgs(path=str(path), max_seq_len=16, val_fraction=0.2)
+    with pytest.raises(UserError) as err:
+        prepare_data(cfg, tokenizer, cache_root=tmp_path / "cache", log=lambda m: None)
+    assert str(err.value).startswith(
+        f"data: all 8 training samples of {path} lost every target token (8 truncated at data.max_seq_len=16, "
+    )
+    assert str(err.value).endswith("raise data.max_seq_len or shorten the prompts")
+    cached = tmp_path / "cache" / "data"
+    assert not cached.exists() or not any(cached.iterdir())  # nothing cached: the next run says the same
+
+
+def test_stale_cache_temp_folders_are_removed_live_ones_kept(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from trainer.data.pipeline import remove_stale_temp_folders
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = {
+        "dead": f"abc.tmp-{host}-{int(dead.stdout)}-77",  # killed: its process is gone
+        "alive": f"abc.tmp-{host}-{os.getpid()}-78",  # a write in progress
+        "other-host-new": "abc.tmp-elsewhere-123-79",
+        "other-host-old": "abc.tmp-elsewhere-124-80",
+        "legacy-old": "abc.tmp123456",  # earlier versions' name
+        "entry": "abc",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    for key in ("other-host-old", "legacy-old"):
+        os.utime(tmp_path / names[key], (0, 0))
+    removed = remove_stale_temp_folders(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(names[k] for k in ("dead", "other-host-old", "legacy-old"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[k] for k in ("alive", "other-host-new", "entry"))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: (d / "rows.txt").write_text("x"), r"rows\.txt: \.txt files are not read; data files are \.json/"),
+        (lambda d: os.mkfifo(d / "rows.jsonl"), r"rows\.jsonl: is a FIFO, not a regular file \(never read\)"),
+    ],
+)
+def test_data_files_we_do_not_read_are_named(tmp_path, make, message):
+    from trainer.data import data_files
+
+    make(tmp_path)
+    with pytest.raises(UserError, match=message):
+        data_files(str(next(tmp_path.iterdir())))
+
+
+def test_data_not_utf8_is_named_with_its_offset(tmp_path, tokenizer):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xe9", "completion": "b"}\n')
+    with pytest.raises(UserError, match=r"rows\.jsonl: not UTF-8 text \(byte 0xe9 at byte offset 47\)"):
+        prepare_data(DataArgs(path=str(path)), tokenizer, cache_root=tmp_path / "cache", log=lambda m: None)
