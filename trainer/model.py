@@ -73,7 +73,7 @@ def load_base(cfg: ModelArgs, *, dtype: torch.dtype, quantize: bool, device_map=
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except load_errors() as err:
-        raise UserError(f"model.name_or_path: cannot load '{cfg.name_or_path}': {_first_line(err)}") from None
+        raise UserError(load_error_line(err, Path(path), "model.name_or_path", cfg.name_or_path)) from None
     detach_gguf_quantizer(model)
     model.config.use_cache = False
     return model
@@ -82,6 +82,25 @@ def load_base(cfg: ModelArgs, *, dtype: torch.dtype, quantize: bool, device_map=
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+def load_error_line(err: BaseException, folder: Path, what: str, name: str) -> str:
+    """One line for a loader's exception, naming the weight file when the folder has one: a pickle that
+    torch.load(weights_only=True) refuses is said to be one (it would run code), not a stack of torch advice."""
+    import pickle
+
+    from trainer.preflight import WEIGHT_SUFFIXES
+
+    files = sorted(f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+    pickles = [f for f in files if f.suffix != ".safetensors"]
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+        where = pickles[0] if len(pickles) == 1 else folder
+        return (
+            f"{what}: {where}: refused: a pickle that would run code when loaded (torch.load weights_only=True "
+            "rejects it); use .safetensors weights from a source you trust"
+        )
+    where = f"{files[0]}" if len(files) == 1 else f"'{name}'"
+    return f"{what}: cannot load {where}: {_first_line(err)}"
 
 
 def detach_gguf_quantizer(model) -> None:
@@ -161,4 +180,4 @@ def load_tuned(recipe, adapter: Path, *, quantized: bool = False, device_map=Non
     try:
         return PeftModel.from_pretrained(base, str(adapter)).eval()
     except load_errors() as err:
-        raise UserError(f"{adapter}: cannot load the adapter: {_first_line(err)}") from None
+        raise UserError(load_error_line(err, Path(adapter), "adapter", str(adapter))) from None

@@ -25,6 +25,7 @@ KNOWN_WARNINGS = [
     (FutureWarning, r""),  # deprecation notices addressed to library authors (transformers, peft, torch)
     (DeprecationWarning, r""),
     (UserWarning, r"None of the inputs have requires_grad=True"),  # torch checkpointing on frozen inputs (LoRA)
+    (UserWarning, r"Detected pickle protocol \d+ in the checkpoint"),  # torch refusing a pickle: we say so in one line
 ]
 """(category, message regex) of `warnings.warn` calls that are dropped."""
 

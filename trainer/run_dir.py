@@ -194,8 +194,8 @@ def restart_or_refuse(run: RunDir, recipe) -> str:
     from trainer.config import to_dict
     from trainer.files import read_yaml_mapping
 
-    if not any(p.name != run.marker.name for p in run.root.iterdir()):
-        return NEW
+    if not any(p.name != run.marker.name for p in run.root.iterdir()) or not run.config.exists():
+        return NEW  # only the marker (and files put beside it, e.g. the demo's data): no run started here yet
     old = read_yaml_mapping(run.config, "the run's recipe") if run.config.exists() else None
     breaking, harmless = recipe_differences(old, to_dict(recipe)) if old is not None else ([], [])
     where = f"output_dir {run.root}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -486,6 +487,28 @@ def _(c: Ctx):
     return Case(train(r), r"m/tokenizer\.json:1: not valid JSON")
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch X",))
+
+
+PICKLE = pickle.dumps(_RunsCode())
+"""Unpickling it runs `touch X` in the working folder (the case folder): proof that code ran."""
+
+
+@case("model weights are a pickle that runs code", "model", slow=True)
+def _(c: Ctx):
+    m = _model_copy(c)
+    (m / "model.safetensors").unlink()
+    (m / "pytorch_model.bin").write_bytes(PICKLE)
+    r = c.recipe(model={"name_or_path": str(m)})
+    return Case(
+        train(r),
+        r"model\.name_or_path: .*m/pytorch_model\.bin: refused: a pickle that would run code when loaded",
+        absent=[c.tmp / "X", c.tmp / "run"],
+    )
+
+
 @case("hub model not cached, hub unreachable", "model")
 def _(c: Ctx):
     r = c.recipe(model={"name_or_path": "someone/not-a-cached-model"})
@@ -651,6 +674,21 @@ def _(c: Ctx):
     run = c.fake_run()
     (run / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04cos\nsystem\n.")
     return Case(["chat", run, "--prompt", "hi"], r"adapter_model\.bin is not in manifest\.json", unchanged=[run])
+
+
+@case("merge: adapter weights are a pickle that runs code (manifest rewritten)", "post-training", slow=True)
+def _(c: Ctx):
+    from trainer import checkpoint
+
+    run = c.fake_run()
+    (run / "adapter" / "adapter_model.safetensors").unlink()
+    (run / "adapter" / "adapter_model.bin").write_bytes(PICKLE)
+    checkpoint.write_manifest(run / "adapter")  # someone who can also rewrite the manifest
+    return Case(
+        ["merge", run],
+        r"adapter: .*run/adapter/adapter_model\.bin: refused: a pickle that would run code when loaded",
+        absent=[c.tmp / "X", run / "merged"],
+    )
 
 
 @case("merge: unfinished run, no checkpoint verifies", "post-training")
