@@ -118,7 +118,35 @@ def merged_source(run_dir, checkpoint: str | Path | None = None, log=print) -> t
     if problem:
         raise UserError(f"{folder}: {problem}; the merged model is damaged: run `trainer merge {run.root}` again")
     check_model_folder(folder, "merged model")
+    if _merged_from_another_adapter(folder, tuned):
+        log(f"{folder} was merged from an earlier adapter than {tuned.label}; merging again")
+        return None, tuned
     return folder, None
+
+
+def adapter_fingerprint(adapter: Path) -> str | None:
+    """sha256 of the manifest that covers an adapter (its own manifest.json, or its checkpoint's), or None: it
+    names the sha256 of every adapter file, and merge_report.json records it, so that a merged/ made from an
+    earlier adapter (the run was resumed and trained further) is recognised."""
+    from trainer.checkpoint import sha256
+
+    for manifest in (Path(adapter) / "manifest.json", Path(adapter).parent / "manifest.json"):
+        if manifest.is_file():
+            return sha256(manifest)
+    return None
+
+
+def _merged_from_another_adapter(folder: Path, tuned: Tuned) -> bool:
+    """Whether merge_report.json says the merge was made from an adapter other than `tuned`'s current one."""
+    import json
+
+    try:
+        recorded = json.loads((folder / "merge_report.json").read_text(encoding="utf-8")).get("adapter_manifest_sha256")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if recorded is None or tuned.adapter is None:
+        return False
+    return recorded != adapter_fingerprint(tuned.adapter)
 
 
 def _named_checkpoint(run: RunDir, ckpt: Path, lora: bool, log) -> Tuned:

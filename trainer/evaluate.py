@@ -179,11 +179,12 @@ def _models_to_compare(run: RunDir, recipe, merged: bool, device: str, source: T
     from trainer.model import load_base, load_tuned
 
     dtype = torch_dtype(recipe.model.dtype)
+    tuned_folder = None
     if merged and recipe.lora is not None and run.merged.is_dir():
         from trainer.artifacts import merged_source
 
-        tuned_folder = merged_source(run.root, log=lambda m: None)[0]
-    else:
+        tuned_folder, source = merged_source(run.root, log=lambda m: None)  # source: when merged/ is not complete
+    if tuned_folder is None:
         source = source or tuned_source(run.root)
         tuned_folder = source.model
     if tuned_folder is not None:

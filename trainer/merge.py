@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.artifacts import Tuned, read_recipe, tokenizer_of, tuned_source
+from trainer.artifacts import Tuned, adapter_fingerprint, read_recipe, tokenizer_of, tuned_source
 from trainer.checkpoint import write_manifest
 from trainer.errors import UserError
 from trainer.generate import render_prompt, stop_token_ids
@@ -65,6 +65,7 @@ def merge_run(run_dir: Path, log=print, source: Tuned | None = None) -> dict:
     report = {
         "adapter": str(adapter),
         "source": source.label,
+        "adapter_manifest_sha256": adapter_fingerprint(adapter),
         "dtype": recipe.model.dtype,
         "check_prompts": len(CHECK_PROMPTS),
         "max_abs_diff_merged_vs_adapter": float((merged_logits - with_adapter).abs().max()),

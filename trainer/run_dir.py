@@ -113,8 +113,12 @@ class RunDir:
 
     def is_run_folder(self) -> bool:
         """Carries the marker, or is a run written before the marker existed: a config.yaml with trainer's sections
-        beside checkpoints/, metrics.csv, run_summary.json, adapter/ or model/."""
+        beside checkpoints/, metrics.csv, run_summary.json, adapter/ or model/; or a folder whose checkpoints/
+        holds checkpoints of ours (step-N/ with manifest.json and trainer_state.json: copied to resume from)."""
         if self.marker.is_file():
+            return True
+        steps = self.checkpoints.glob("step-*") if self.checkpoints.is_dir() else []
+        if any((c / "manifest.json").is_file() and (c / "trainer_state.json").is_file() for c in steps):
             return True
         if not self.config.is_file() or self.config.is_symlink():
             return False

@@ -287,3 +287,45 @@ def test_verbose_shows_the_known_noise(tmp_path, tiny_model_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     for noise in ("a library FutureWarning nobody can act on", "kernels-community", "Loading weights"):
         assert noise in out.stderr, noise
+
+
+# ----------------------------------------------------------------------------------------------- post-training
+def test_post_training_commands_say_which_weights_they_use_and_refuse_a_damaged_adapter(tmp_path, tiny_model_dir):
+    out_dir = tmp_path / "run"
+    recipe = make_recipe(tmp_path, tiny_model_dir, out_dir)
+    assert cli(["train", recipe, "--no-progress"]).returncode == 0
+    # a run that has not finished (its final adapter and the last checkpoint gone): the newest checkpoint, said so
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(out_dir, unfinished)
+    for gone in ("adapter", "run_summary.json", "checkpoints/step-4"):
+        shutil.rmtree(unfinished / gone) if (unfinished / gone).is_dir() else (unfinished / gone).unlink()
+    out = cli(["merge", unfinished])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (
+        out.stdout.splitlines()[0] == f"{unfinished}: the run has not finished; using checkpoint step-2 (step 2 of 4)"
+    )
+    assert checkpoint.verify(unfinished / "merged-step-2") is None and not (unfinished / "merged").exists()
+    # a damaged final adapter: refused, naming the verified checkpoint to use; --checkpoint uses it
+    adapter = out_dir / "adapter" / "adapter_model.safetensors"
+    whole = adapter.read_bytes()
+    adapter.write_bytes(whole[:-10])
+    out = cli(["merge", out_dir])
+    assert out.returncode == 2
+    assert one_error_line(out) == (
+        f"error: {out_dir}/adapter: adapter_model.safetensors has {len(whole) - 10} bytes, manifest says "
+        f"{len(whole)}; the final adapter is damaged, the newest verified checkpoint is {out_dir}/checkpoints/step-4 "
+        f"(step 4 of 4): pass --checkpoint {out_dir}/checkpoints/step-4"
+    )
+    out = cli(["merge", out_dir, "--checkpoint", out_dir / "checkpoints/step-4"])
+    assert out.returncode == 0 and "using checkpoint step-4 (step 4 of 4)" in out.stdout, out.stderr[-3000:]
+    adapter.write_bytes(whole)
+    # export merges the final adapter into merged/ (it is verified first), and again when the adapter changed
+    assert cli(["export", out_dir]).returncode == 0 and checkpoint.verify(out_dir / "merged") is None
+    shutil.rmtree(out_dir / "checkpoints" / "step-4")
+    assert cli(["train", recipe, "--no-progress", "train.max_steps=6"]).returncode == 0  # the adapter moves on
+    out = cli(["export", out_dir])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (
+        out.stdout.splitlines()[0]
+        == f"{out_dir}/merged was merged from an earlier adapter than adapter/; merging again"
+    )

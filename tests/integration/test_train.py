@@ -58,6 +58,7 @@ def test_lora_run_on_alpaca_loss_falls_and_writes_layout(tmp_path, tiny_model_di
     run_cli(tmp_path, raw)
     # Exact layout
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".trainer-run",
         "adapter",
         "checkpoints",
         "config.yaml",
