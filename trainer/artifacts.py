@@ -163,6 +163,11 @@ def _named_checkpoint(run: RunDir, ckpt: Path, lora: bool, log) -> Tuned:
         check_adapter_folder(ckpt, "--checkpoint")
         log(f"using the adapter in {ckpt}")
         return Tuned(ckpt, None, str(ckpt), run.merged_from(ckpt.name))
+    if not (ckpt / "manifest.json").exists():
+        raise UserError(
+            f"--checkpoint {ckpt}: neither a checkpoint (no manifest.json) nor an adapter folder (no "
+            "adapter_config.json); pass RUN_DIR/checkpoints/step-N"
+        )
     problem = verify(ckpt)
     if problem:
         raise UserError(f"--checkpoint {ckpt}: {problem}; pick another checkpoint")

@@ -184,6 +184,7 @@ def free_bytes(path: Path) -> int | None:
 
 
 def human_bytes(n: float | None) -> str:
+    """`512 B`, `3.0 MiB`, `1.2 GiB` (binary units); `unknown` for None."""
     if n is None:
         return "unknown"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

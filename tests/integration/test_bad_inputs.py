@@ -716,11 +716,24 @@ def _(c: Ctx):
     return Case(["merge", run, "--checkpoint", ck], r"--checkpoint .*step-2: accelerate/model\.safetensors has 1 bytes")
 
 
-@case("chat --checkpoint: adapter folder without adapter_config.json", "post-training")
+@case("chat --checkpoint: a folder that is not a checkpoint", "post-training")
 def _(c: Ctx):
     run = c.fake_run()
     ck = run / "checkpoints" / "step-4"
-    return Case(["chat", run, "--checkpoint", ck / "accelerate", "--prompt", "x"], r"accelerate: no manifest\.json")
+    return Case(
+        ["chat", run, "--checkpoint", ck / "accelerate", "--prompt", "x"],
+        r"--checkpoint .*accelerate: neither a checkpoint \(no manifest\.json\) nor an adapter folder",
+    )
+
+
+@case("chat --checkpoint: an adapter folder without weights", "post-training")
+def _(c: Ctx):
+    run = c.fake_run()
+    adapter = run / "checkpoints" / "step-4" / "adapter"
+    (adapter / "adapter_model.safetensors").unlink()
+    return Case(
+        ["chat", run, "--checkpoint", adapter, "--prompt", "x"], r"--checkpoint: .*adapter holds no adapter weights"
+    )
 
 
 @case("merge: full fine-tune that has not finished", "post-training")
