@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trainer import generate
-from trainer.artifacts import adapter_dir, read_recipe, tokenizer_of
+from trainer.artifacts import Tuned, read_recipe, tokenizer_of, tuned_source
 from trainer.dtypes import torch_dtype
 from trainer.errors import UserError
 from trainer.model import default_device
@@ -48,28 +48,35 @@ class ChatModels:
             yield self.model
 
 
-def load_chat_models(run_dir: Path | None, extra_adapters: dict[str, Path], model_path: str | None = None):
+def load_chat_models(
+    run_dir: Path | None, extra_adapters: dict[str, Path], model_path: str | None = None, source: Tuned | None = None
+):
     """One base model (the run's, or `model_path`) with the run's adapter and `extra_adapters` loaded by name.
-    A full fine-tune run's own model is the base."""
+    A full fine-tune run's own model is the base. `source`: the run's trained weights (`artifacts.tuned_source`;
+    default: the final ones)."""
     from peft import PeftModel
 
     from trainer.config import ModelArgs
-    from trainer.model import load_base
+    from trainer.model import _first_line, load_base, load_errors
+    from trainer.preflight import check_adapter_folder
 
     adapters: dict[str, Path] = {}
     if run_dir is not None:
         run = RunDir(run_dir)
         recipe = read_recipe(run)
+        source = source or tuned_source(run.root)
         model_args, tokenizer = recipe.model, tokenizer_of(run, recipe)
         if recipe.lora is None:
-            model_args = replace(model_args, name_or_path=str(run.model))
+            model_args = replace(model_args, name_or_path=str(source.model))
         else:
-            adapters["tuned"] = adapter_dir(run)
+            adapters["tuned"] = source.adapter
     elif model_path:
         model_args = ModelArgs(name_or_path=model_path)
         tokenizer = run_tokenizer(model_path).tokenizer
     else:
         raise UserError("trainer chat needs RUN_DIR or --model PATH")
+    for name, folder in extra_adapters.items():
+        check_adapter_folder(folder, f"--adapter {name}")
     adapters.update(extra_adapters)
     base = load_base(
         model_args,
@@ -81,9 +88,14 @@ def load_chat_models(run_dir: Path | None, extra_adapters: dict[str, Path], mode
     if not adapters:
         return ChatModels(base.eval(), tokenizer)
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(adapters[name]), adapter_name=name)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(adapters[name]), adapter_name=name)
+    except load_errors() as err:
+        raise UserError(
+            f"cannot load the adapters {', '.join(map(str, adapters.values()))}: {_first_line(err)}"
+        ) from None
     chat = ChatModels(model.eval(), tokenizer, names)
     chat.use(names[0])
     return chat

@@ -12,6 +12,12 @@ Layout of `RUN_DIR/checkpoints/step-N/`:
   config.yaml          the resolved recipe; its hash is in trainer_state.json
   manifest.json        size and sha256 of every file above; written last, before the rename
 
+Everything in a checkpoint is untrusted when read back: manifest paths are confined to the checkpoint folder
+(absolute paths, `..` and symlinks leading out are refused), only regular files are read (a manifest naming a
+FIFO or /dev/zero never blocks), and trainer_state.json is type-checked field by field. A save that the storage
+refuses (disk full, read-only, quota) stops the run with one line naming the path, the free space and the last
+complete checkpoint; `latest` names a complete checkpoint at every instant.
+
 Loading never unpickles anything we did not write: tensors are safetensors; accelerate reads optimizer.bin with
 torch.load(weights_only=True); a file that the manifest does not list (e.g. a planted *.pkl) makes the checkpoint
 fail `verify`. Only DeepSpeed's own loader (ZeRO checkpoints) uses weights_only=False; the manifest's sha256
@@ -39,20 +45,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
+import stat
 import time
-from pathlib import Path
-
-import numpy as np
-import torch
+from dataclasses import fields
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from trainer.config import Recipe, dump_yaml, recipe_hash
 from trainer.distributed import is_deepspeed
 from trainer.errors import UserError
+from trainer.files import as_storage_error, disk_error, fsync_dir, read_json, read_yaml_mapping, utf8_problem
 from trainer.run_dir import RunDir
 from trainer.state import TrainState
+
+if TYPE_CHECKING:
+    import torch
 
 PREFIX = "step-"
 FULL_OPTIMIZER = "full_optimizer.safetensors"
@@ -71,48 +82,117 @@ def save(
     accelerator, model, run_dir: Path, state: TrainState, recipe: Recipe, extra_state: dict | None = None, log=print
 ) -> Path:
     """Called on every rank. Returns the final checkpoint folder. Under DeepSpeed the whole optimizer state is also
-    written (FULL_OPTIMIZER) when `writes_full_state` says so."""
+    written (FULL_OPTIMIZER) when `writes_full_state` says so.
+
+    When the storage refuses a write (disk full, read-only, quota) on any rank, every rank raises the same
+    UserError (the ranks agree through an all-reduce, so none waits forever at a barrier): the half-written
+    temp folder is removed, and the message names the path, the free space, about how much this checkpoint
+    needs, and the last complete checkpoint, which is untouched."""
     t0 = time.perf_counter()
     root = checkpoints_dir(run_dir)
     final = root / f"{PREFIX}{state.step}"
     tmp = root / f".tmp-{PREFIX}{state.step}"
+    failed = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True, **_save_kwargs(accelerator))
-    _write_json(tmp / "rng" / f"rank-{accelerator.process_index}.json", rng_state())
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            failed = err
+    _stop_if_any_failed(accelerator, failed, run_dir, tmp, model)  # also the barrier before every rank writes
+    try:
+        accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True, **_save_kwargs(accelerator))
+        _write_json(tmp / "rng" / f"rank-{accelerator.process_index}.json", rng_state())
+    except Exception as err:  # noqa: BLE001 - disk full, read-only, quota: every rank must learn of it (no hang)
+        failed = _storage_error(err, tmp)
     adapter = trainable_state_dict(accelerator, model) if is_peft(accelerator, model) else None  # every rank
     full = full_optimizer_state(accelerator, model) if writes_full_state(accelerator, model, recipe) else None
-    accelerator.wait_for_everyone()
+    _stop_if_any_failed(accelerator, failed, run_dir, tmp, model)
     if accelerator.is_main_process:
-        _drop_accelerate_pickles(tmp / "accelerate")
-        if adapter is not None:
-            save_adapter(accelerator, model, tmp / "adapter", adapter)
-        if full is not None:
-            from safetensors.torch import save_file
+        try:
+            _drop_accelerate_pickles(tmp / "accelerate")
+            if adapter is not None:
+                save_adapter(accelerator, model, tmp / "adapter", adapter)
+            if full is not None:
+                from safetensors.torch import save_file
 
-            save_file(full, str(tmp / FULL_OPTIMIZER), metadata={"format": "trainer-full-optimizer-1"})
-        state_dict = {
-            **state.to_dict(),
-            "recipe_hash": recipe_hash(recipe),
-            "world_size": accelerator.num_processes,
-            "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-            **(extra_state or {}),
-        }
-        _write_json(tmp / "trainer_state.json", state_dict)
-        (tmp / "config.yaml").write_text(dump_yaml(recipe))
-        write_manifest(tmp)
-        _fsync_tree(tmp)
-        if final.exists():  # same step saved before (e.g. a re-run after the final save): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_latest(root, final.name)
+                save_file(full, str(tmp / FULL_OPTIMIZER), metadata={"format": "trainer-full-optimizer-1"})
+            state_dict = {
+                **state.to_dict(),
+                "recipe_hash": recipe_hash(recipe),
+                "world_size": accelerator.num_processes,
+                "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+                **(extra_state or {}),
+            }
+            _write_json(tmp / "trainer_state.json", state_dict)
+            (tmp / "config.yaml").write_text(dump_yaml(recipe))
+            write_manifest(tmp)
+            _fsync_tree(tmp)
+            publish(root, tmp, final)
+        except Exception as err:  # noqa: BLE001
+            failed = _storage_error(err, tmp)
+    _stop_if_any_failed(accelerator, failed, run_dir, tmp, model)
+    if accelerator.is_main_process:
         prune(root, recipe.train.keep_last, upto=state.step)
         log(f"checkpoint: {final} ({dir_bytes(final) / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s)")
     accelerator.wait_for_everyone()
     return final
+
+
+def publish(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the complete `tmp` to `final` and point `latest` at it, so that at every instant `latest` names a
+    complete checkpoint: when `final` exists already (the same step saved again, e.g. a rerun after the end),
+    `latest` first moves to the newest other complete checkpoint (or is removed), then the old folder goes."""
+    if final.exists():
+        others = [c for c in list_checkpoints(root.parent) if c != final and verify(c) is None]
+        if others:
+            _write_latest(root, others[0].name)
+        else:
+            (root / "latest").unlink(missing_ok=True)
+        old = root / f".tmp-{final.name}.old"  # a `.tmp-step-*` name: prune removes it if we are killed here
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    _write_latest(root, final.name)
+
+
+def _storage_error(err: Exception, tmp: Path) -> OSError:
+    """The storage failure behind `err` (`trainer.files.as_storage_error`); anything else is re-raised."""
+    storage = as_storage_error(err, tmp if tmp.exists() else tmp.parent)
+    if storage is None:
+        raise err
+    return storage
+
+
+def _stop_if_any_failed(accelerator, failed: OSError | None, run_dir: Path, tmp: Path, model) -> None:
+    """All ranks agree whether any rank's part of the save failed (one all-reduce, which is also a barrier); if so
+    every rank raises the same UserError and rank 0 removes the temp folder. Without a failure: a barrier."""
+    import torch
+
+    flag = torch.tensor([0.0 if failed is None else 1.0], device=accelerator.device)
+    any_failed = accelerator.reduce(flag, reduction="sum").item() > 0 if accelerator.num_processes > 1 else failed
+    if not any_failed:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    last = find_resumable(run_dir, log=lambda m: None)
+    needed = dir_bytes(last) if last is not None else 16 * _trainable_numel(accelerator, model)
+    what = disk_error(failed, tmp, needed) if failed is not None else f"{tmp}: another rank could not write its part"
+    kept = f"the last complete checkpoint is {last}" if last is not None else "no complete checkpoint was saved yet"
+    raise UserError(
+        f"checkpoint: cannot save: {what}; {kept}. Training stopped; free space (or make the storage writable) "
+        "and rerun the same command to resume"
+    )
+
+
+def _trainable_numel(accelerator, model) -> int:
+    """Trainable parameters: a checkpoint holds them in fp32 with two AdamW moments and the adapter copy (~16 B
+    each), used to say how much space a first checkpoint needs."""
+    return sum(p.numel() for p in accelerator.unwrap_model(model).parameters() if p.requires_grad)
 
 
 def save_adapter(accelerator, model, out: Path, state_dict: dict | None = None) -> None:
@@ -134,6 +214,8 @@ def trainable_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     `deepspeed.utils.safe_get_full_fp32_param`, a collective over the data-parallel group. Without DeepSpeed the
     module's own (fp32) weights are the masters.
     """
+    import torch
+
     deepspeed = is_deepspeed(accelerator)
     if deepspeed:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -161,6 +243,7 @@ def full_optimizer_state(accelerator, model) -> dict[str, torch.Tensor]:
     parameter name N, `master/N` (fp32 master weight), `exp_avg/N`, `exp_avg_sq/N` (AdamW moments) and `step/N`
     (AdamW step count, shape [1]). Call it on EVERY rank of a DeepSpeed ZeRO-1/2 run: each tensor is one
     all-reduce over the data-parallel group. Before the first optimizer step the moments are zeros, step 0."""
+    import torch
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     zero = model.optimizer  # the engine's DeepSpeedZeroOptimizer
@@ -231,6 +314,9 @@ def _drop_accelerate_pickles(folder: Path) -> None:
 
 
 def rng_state() -> dict:
+    import numpy as np
+    import torch
+
     py = random.getstate()
     np_state = np.random.get_state()
     out = {
@@ -244,6 +330,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(d: dict) -> None:
+    import numpy as np
+    import torch
+
     random.setstate((d["python"][0], tuple(d["python"][1]), d["python"][2]))
     n = d["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
@@ -268,26 +357,133 @@ def write_manifest(folder: Path) -> None:
 
 
 def verify(folder: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong."""
+    """None if the checkpoint (or any folder with a manifest.json: the final adapter/, model/, merged/) is complete
+    and intact, else what is wrong. Every path the manifest names must stay inside the folder and be a regular
+    file; symlinks leading out of the folder and files the manifest does not list are refused; a
+    trainer_state.json and config.yaml, when listed, must read back (types and ranges of every state field)."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        return f"is a symlink to {folder.resolve()} (checkpoints are never followed out of the run)"
+    base = folder.resolve()
     mf = folder / "manifest.json"
-    if not mf.exists():
+    if not mf.exists() and not mf.is_symlink():
         return "no manifest.json (incomplete save)"
+    problem = _entry_problem(folder, base, "manifest.json")
+    if problem:
+        return problem
+    raw = mf.read_bytes()
+    if utf8_problem(raw):
+        return f"manifest.json: {utf8_problem(raw)}"
     try:
-        files = json.loads(mf.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
+        files = json.loads(raw.decode("utf-8"))["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
         return "manifest.json is unreadable"
+    if not isinstance(files, dict) or not all(_meta_ok(m) for m in files.values()):
+        return "manifest.json is unreadable (an entry without an integer size and a sha256)"
     for rel, meta in files.items():
+        problem = _manifest_path_problem(rel)
+        if problem:
+            return f"manifest.json names {rel!r}, {problem} (never read)"
         p = folder / rel
-        if not p.exists():
+        if not p.exists() and not p.is_symlink():
             return f"{rel} is missing"
+        problem = _entry_problem(folder, base, rel)
+        if problem:
+            return problem
         if p.stat().st_size != meta["bytes"]:
             return f"{rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']}"
         if sha256(p) != meta["sha256"]:
             return f"{rel} checksum mismatch"
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if p.is_file() and rel != "manifest.json" and rel not in files:
-            return f"{rel} is not in manifest.json (not written by this save; never loaded)"
+    for dirpath, dirnames, filenames in os.walk(folder):  # never follows symlinked folders
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink():
+                problem = _entry_problem(folder, base, rel, must_be_file=False)
+                if problem:
+                    return problem
+            if name in filenames and rel != "manifest.json" and rel not in files:
+                return f"{rel} is not in manifest.json (not written by this save; never loaded)"
+    if "trainer_state.json" in files:
+        raw = (folder / "trainer_state.json").read_bytes()
+        if utf8_problem(raw):
+            return f"trainer_state.json: {utf8_problem(raw)}"
+        try:
+            state = json.loads(raw.decode("utf-8"))
+        except json.JSONDecodeError as err:
+            return f"trainer_state.json:{err.lineno}: not valid JSON ({err.msg})"
+        problem = state_problem(state)
+        if problem:
+            return f"trainer_state.json: {problem}"
+    return None
+
+
+def _meta_ok(meta) -> bool:
+    return (
+        isinstance(meta, dict)
+        and isinstance(meta.get("bytes"), int)
+        and not isinstance(meta.get("bytes"), bool)
+        and isinstance(meta.get("sha256"), str)
+    )
+
+
+def _manifest_path_problem(rel) -> str | None:
+    """Why a path named by a manifest is not a plain relative path inside the folder, or None."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        return "not a relative path"
+    p = PurePosixPath(rel)
+    if p.is_absolute():
+        return "an absolute path outside the checkpoint folder"
+    if any(part in ("..", ".") for part in p.parts) or rel.endswith("/"):
+        return "a path that leaves the checkpoint folder"
+    return None
+
+
+def _entry_problem(folder: Path, base: Path, rel: str, must_be_file: bool = True) -> str | None:
+    """Why an entry of the folder must not be read, or None: a symlink (itself or a parent folder) leading out of
+    the folder, or, when `must_be_file`, anything but a regular file (FIFO, device, socket, folder)."""
+    p = folder / rel
+    target = p.resolve()
+    if target != base and base not in target.parents:
+        return f"{rel} is a symlink to {target}, outside the checkpoint folder (never followed)"
+    if not must_be_file:
+        return None
+    try:
+        mode = p.stat().st_mode
+    except OSError as err:
+        return f"{rel} cannot be read ({err.strerror})"
+    if not stat.S_ISREG(mode):
+        return f"{rel} is not a regular file (never read)"
+    return None
+
+
+STATE_EXTRA = {"recipe_hash": str, "distributed_type": str, "world_size": int, "total_steps": int}
+"""Keys `save` writes beside TrainState's fields, and their types (each int >= 1)."""
+
+
+def state_problem(state) -> str | None:
+    """What is wrong with a trainer_state.json's content (first problem, naming the field), or None. TrainState's
+    integer fields must be integers >= 0, wall_time a finite number >= 0; keys we do not know are ignored (a
+    newer trainer may add some)."""
+    if not isinstance(state, dict):
+        return f"expected a JSON object, found {type(state).__name__}"
+    for f in fields(TrainState):
+        if f.name not in state:
+            continue
+        value = state[f.name]
+        if f.type in ("int", int):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                return f"field {f.name}={value!r} must be an integer >= 0"
+        elif not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            return f"field {f.name}={value!r} must be a finite number >= 0"
+    for name, kind in STATE_EXTRA.items():
+        if name not in state:
+            continue
+        value = state[name]
+        if kind is str and not isinstance(value, str):
+            return f"field {name}={value!r} must be a string"
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            return f"field {name}={value!r} must be an integer >= 1"
     return None
 
 
@@ -326,8 +522,44 @@ def prune(root: Path, keep_last: int, upto: int | None = None) -> None:
 
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / "latest.tmp"
-    tmp.write_text(name + "\n")
+    with tmp.open("w") as fh:
+        fh.write(name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, root / "latest")
+    fsync_dir(root)
+
+
+def point_latest_at(ckpt: Path) -> None:
+    """Make `latest` name `ckpt` (the complete checkpoint a run resumes from) if it names anything else: a
+    kill between a save's rename and its `latest` update, or a newer checkpoint that no longer verifies, leaves
+    it behind. Rank 0 only."""
+    root = ckpt.parent
+    try:
+        current = (root / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current != ckpt.name:
+        _write_latest(root, ckpt.name)
+
+
+def set_aside_newer(ckpt: Path, log=print) -> list[Path]:
+    """`--resume` of an older checkpoint: the complete checkpoints above it belong to the run being stepped back
+    from. They are renamed `superseded-step-N-DATE` (kept, never listed or resumed), so that neither a later
+    plain rerun nor `latest` jumps back to them. Rank 0 only. Returns the new paths."""
+    step = int(ckpt.name[len(PREFIX) :])
+    moved = []
+    for other in list_checkpoints(ckpt.parent.parent):
+        if int(other.name[len(PREFIX) :]) > step and verify(other) is None:
+            aside = other.with_name(f"superseded-{other.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(other, aside)
+            moved.append(aside)
+    if moved:
+        log(
+            f"resume: from {ckpt.name}; newer checkpoints of the run stepped back from are kept as "
+            f"{', '.join(p.name for p in moved)} (never resumed)"
+        )
+    return moved
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -350,12 +582,23 @@ def load(accelerator, ckpt: Path, model=None, optimizer=None) -> TrainState:
         load_full_state(accelerator, model, optimizer, read_full_state(ckpt, accelerator.unwrap_model(model)))
     rng_file = ckpt / "rng" / f"rank-{accelerator.process_index}.json"
     if rng_file.exists():
-        set_rng_state(json.loads(rng_file.read_text()))
+        try:
+            set_rng_state(read_json(rng_file, "an RNG state"))
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise UserError(
+                f"{rng_file}: not an RNG state written by trainer ({err}); resume another checkpoint"
+            ) from None
     return TrainState.from_dict(saved)
 
 
 def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    """trainer_state.json, type-checked (`state_problem`); UserError naming the file and the field."""
+    path = ckpt / "trainer_state.json"
+    state = read_json(path, "a checkpoint's trainer state")
+    problem = state_problem(state)
+    if problem:
+        raise UserError(f"{path}: {problem}; resume another checkpoint")
+    return state
 
 
 def same_layout(saved: dict, accelerator) -> bool:
@@ -373,6 +616,7 @@ def read_full_state(ckpt: Path, unwrapped) -> dict[str, torch.Tensor]:
     FULL_OPTIMIZER (DeepSpeed checkpoints) or from accelerate's model.safetensors + optimizer.bin (without
     DeepSpeed: torch AdamW numbers its state by position in the param groups, which are trainer.optim's, rebuilt
     here from the same model). UserError when the names or shapes do not match `unwrapped`'s trainable tensors."""
+    import torch
     from safetensors.torch import load_file
 
     trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
@@ -419,6 +663,8 @@ def read_full_state(ckpt: Path, unwrapped) -> dict[str, torch.Tensor]:
 
 def _adam_step(value: float, group: dict, device) -> torch.Tensor:
     # torch AdamW keeps `step` as a float scalar tensor: on CPU, or on the parameter's device when fused/capturable.
+    import torch
+
     on_device = bool(group.get("fused") or group.get("capturable"))
     return torch.tensor(float(value), dtype=torch.float32, device=device if on_device else "cpu")
 
@@ -431,6 +677,8 @@ def load_full_state(accelerator, model, optimizer, full: dict[str, torch.Tensor]
     this rank's slice of every master weight and moment; the module's (low-precision) weights are the masters cast
     to their dtype, which is what DeepSpeed's own step leaves them at. Without DeepSpeed: the module's weights are
     the masters and torch AdamW's per-parameter state is set."""
+    import torch
+
     unwrapped = accelerator.unwrap_model(model)
     trainable = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
     with torch.no_grad():
@@ -519,11 +767,9 @@ def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
 
 def check_compatible(ckpt: Path, recipe: Recipe) -> list[str]:
     """Raise UserError if the recipe changed in a way the checkpoint cannot follow; return harmless changes."""
-    import yaml
-
     from trainer.config import to_dict
 
-    old = yaml.safe_load((ckpt / "config.yaml").read_text())
+    old = read_yaml_mapping(ckpt / "config.yaml", "the checkpoint's recipe")
     breaking, harmless = recipe_differences(old, to_dict(recipe))
     if breaking:
         raise UserError(
@@ -581,11 +827,7 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(d)
 
 
 def dir_bytes(folder: Path) -> int:

@@ -11,31 +11,51 @@ from trainer.errors import USER_ERROR_EXIT, UserError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainer", description="Fine-tune open LLMs with LoRA/QLoRA or fully.")
+    verbose_help = "show the libraries' known harmless warnings and progress bars too (silenced by default)"
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # -v also after the verb (`trainer train r.yaml -v`); SUPPRESS keeps the global value when it is not given there
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train per a recipe (resumes from RUN_DIR's newest checkpoint)")
+    t = sub.add_parser("train", parents=[common], help="train per a recipe (resumes from RUN_DIR's newest checkpoint)")
     t.add_argument("recipe", help="YAML recipe (see launch/recipes/)")
     t.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.lr=1e-4 output_dir=runs/x")
     group = t.add_mutually_exclusive_group()
     group.add_argument("--resume", metavar="CKPT", help="resume from this checkpoint folder")
     group.add_argument("--fresh", action="store_true", help="start over; the previous run is moved aside")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    t.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: one plain line per logged step (also when stdout is not a terminal)",
+    )
+    checkpoint_help = "use this checkpoint folder (RUN_DIR/checkpoints/step-N) instead of the final adapter"
 
-    v = sub.add_parser("data", help="prepare the data as train would; stats, samples with trained tokens highlighted")
+    v = sub.add_parser(
+        "data", parents=[common], help="prepare the data as train would; stats, samples with trained tokens highlighted"
+    )
     v.add_argument("recipe", help="YAML recipe (see launch/recipes/)")
     v.add_argument("overrides", nargs="*", help="key.path=value, e.g. data.max_seq_len=512")
     v.add_argument("--show", type=int, default=2, metavar="N", help="print the first N train samples (default 2)")
     v.add_argument("--jsonl", metavar="FILE", help="write every train sample: sample_id, row, input_ids, labels")
 
-    m = sub.add_parser("merge", help="merge RUN_DIR's adapter into the unquantized base -> RUN_DIR/merged/")
+    m = sub.add_parser(
+        "merge", parents=[common], help="merge RUN_DIR's adapter into the unquantized base -> RUN_DIR/merged/"
+    )
     m.add_argument("run_dir")
+    m.add_argument("--checkpoint", metavar="CKPT", help=checkpoint_help)
 
-    e = sub.add_parser("eval", help="base vs tuned on the run's test split -> RUN_DIR/eval/, RUN_DIR/plots/")
+    e = sub.add_parser(
+        "eval", parents=[common], help="base vs tuned on the run's test split -> RUN_DIR/eval/, RUN_DIR/plots/"
+    )
     e.add_argument("run_dir")
     e.add_argument("--exact-match", action="store_true", help="also score greedy replies against the references")
     e.add_argument("--merged", action="store_true", help="evaluate RUN_DIR/merged instead of base + adapter")
+    e.add_argument("--checkpoint", metavar="CKPT", help=checkpoint_help)
 
-    c = sub.add_parser("chat", help="chat with a tuned model (streaming); /use NAME switches adapters")
+    c = sub.add_parser(
+        "chat", parents=[common], help="chat with a tuned model (streaming); /use NAME switches adapters"
+    )
     c.add_argument("run_dir", nargs="?", help="a run folder (its base model and adapter)")
     c.add_argument("--model", help="a base model folder/hub id when no RUN_DIR is given")
     c.add_argument("--prompt", help="answer this one prompt and exit")
@@ -44,13 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     c.add_argument("--top-p", type=float, default=0.9)
     c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--checkpoint", metavar="CKPT", help=checkpoint_help)
 
-    x = sub.add_parser("export", help="write RUN_DIR/merged as a GGUF file for llama.cpp-style runtimes")
+    x = sub.add_parser(
+        "export", parents=[common], help="write RUN_DIR/merged as a GGUF file for llama.cpp-style runtimes"
+    )
     x.add_argument("run_dir")
     x.add_argument("--gguf", choices=["f16", "q8_0"], default="f16")
     x.add_argument("--out", help="output file (default RUN_DIR/export/model-TYPE.gguf)")
+    x.add_argument("--checkpoint", metavar="CKPT", help=checkpoint_help + " (merged first)")
 
-    s = sub.add_parser("estimate", help="per-GPU memory plan for a recipe")
+    s = sub.add_parser("estimate", parents=[common], help="per-GPU memory plan for a recipe")
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*")
     s.add_argument("--gpus", type=int, default=1, help="GPUs per node")
@@ -59,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--zero", type=int, choices=[0, 2], default=None, help="ZeRO stage (default: 2 when >1 GPU)")
     s.add_argument("--offload", action="store_true", help="ZeRO-2 optimizer offload to CPU")
 
-    d = sub.add_parser("demo", help="fine-tune the real SmolLM2-135M-Instruct on CPU and show what changed")
+    d = sub.add_parser(
+        "demo", parents=[common], help="fine-tune the real SmolLM2-135M-Instruct on CPU and show what changed"
+    )
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--fresh", action="store_true", help="retrain even if the run is complete")
@@ -68,10 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from trainer.config import load_recipe
+    from trainer.run_dir import RunDir, check_output_dir
+
+    recipe = load_recipe(args.recipe, args.overrides)  # every value checked before anything heavy is imported
+    check_output_dir(RunDir(recipe.output_dir), recipe, fresh=args.fresh, resume=args.resume)
+    from trainer.preflight import check_sources
+
+    check_sources(recipe)  # data and model paths: exist, readable, of a type we read
     from trainer.train import run
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    run(recipe, resume=args.resume, fresh=args.fresh, show_progress=not args.no_progress)
+    show_progress = not args.no_progress and sys.stdout.isatty()
+    run(recipe, resume=args.resume, fresh=args.fresh, show_progress=show_progress)
     return 0
 
 
@@ -87,23 +120,27 @@ def cmd_data(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from trainer.artifacts import tuned_source
+
+    source = tuned_source(args.run_dir, args.checkpoint, log=print)  # checked before torch is imported
     from trainer.merge import merge_run
 
-    merge_run(args.run_dir)
+    merge_run(args.run_dir, source=source)
     return 0
 
 
 def cmd_eval(args) -> int:
+    from trainer.artifacts import tuned_source
+
+    source = None if args.merged else tuned_source(args.run_dir, args.checkpoint, log=print)
     from trainer.evaluate import eval_run
 
-    eval_run(args.run_dir, exact_match=args.exact_match, merged=args.merged)
+    eval_run(args.run_dir, exact_match=args.exact_match, merged=args.merged, source=source)
     return 0
 
 
 def cmd_chat(args) -> int:
     from pathlib import Path
-
-    from trainer import chat
 
     extra = {}
     for item in args.adapter:
@@ -111,11 +148,18 @@ def cmd_chat(args) -> int:
             raise UserError(f"--adapter {item}: expected NAME=DIR")
         name, folder = item.split("=", 1)
         extra[name] = Path(folder)
-    models = chat.load_chat_models(Path(args.run_dir) if args.run_dir else None, extra, args.model)
+    if args.compare and not args.prompt:
+        raise UserError("--compare needs --prompt")
+    source = None
+    if args.run_dir:
+        from trainer.artifacts import tuned_source
+
+        source = tuned_source(args.run_dir, args.checkpoint, log=print)
+    from trainer import chat
+
+    models = chat.load_chat_models(Path(args.run_dir) if args.run_dir else None, extra, args.model, source=source)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     if args.compare:
-        if not args.prompt:
-            raise UserError("--compare needs --prompt")
         chat.print_side_by_side(chat.compare(models, args.prompt, [chat.BASE, *models.adapters], **gen))
     elif args.prompt:
         print(chat.reply(models, [{"role": "user", "content": args.prompt}], **gen))
@@ -127,15 +171,18 @@ def cmd_chat(args) -> int:
 def cmd_export(args) -> int:
     from pathlib import Path
 
+    from trainer.artifacts import merged_source
+
+    merged, source = merged_source(args.run_dir, args.checkpoint, log=print)  # checked before torch is imported
+    if merged is None:
+        from trainer.merge import merge_run
+
+        merge_run(args.run_dir, source=source)
+        merged, _ = merged_source(args.run_dir, None, log=lambda m: None)
     from trainer.export import export_gguf
-    from trainer.merge import merge_run
     from trainer.run_dir import RunDir
 
-    run = RunDir(args.run_dir)
-    merged = run.model if (run.model / "config.json").is_file() else run.merged
-    if not (merged / "config.json").is_file():
-        merge_run(run.root)
-    out = Path(args.out) if args.out else run.export / f"model-{args.gguf}.gguf"
+    out = Path(args.out) if args.out else RunDir(args.run_dir).export / f"model-{args.gguf}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     facts = export_gguf(merged, out, args.gguf)
     print(f"export: {facts['path']} ({facts['bytes'] / 2**20:.1f} MiB, {facts['tensor_count']} tensors, {args.gguf})")
@@ -190,16 +237,34 @@ def main(argv: list[str] | None = None) -> int:
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from trainer.quiet import silence_known_noise
+
+    silence_known_noise(verbose=args.verbose)
     try:
         return COMMANDS[args.command](args)
     except UserError as err:
-        from trainer.distributed import is_main
+        return _fail(str(err))
+    except OSError as err:
+        from trainer.files import disk_error, is_disk_error
 
-        if is_main():  # one message, not one per process
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT
+        if not is_disk_error(err):
+            raise
+        return _fail(f"{args.command}: cannot write {disk_error(err)}")
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(message: str) -> int:
+    """Print a user error once (rank 0 of a launch), as `error: ...`; the exit code of user errors."""
+    import sys as _sys
+
+    if "accelerate.state" in _sys.modules or "RANK" in os.environ:  # a launch: one message, not one per process
+        from trainer.distributed import is_main
+
+        if not is_main():
+            return USER_ERROR_EXIT
+    print("\n".join(f"error: {line}" for line in message.splitlines()), file=sys.stderr, flush=True)
+    return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -38,7 +39,8 @@ class ModelArgs:
     Default on because memory is what stops most runs; small models on CPU are faster with it off."""
     attn_implementation: str = "auto"
     """Attention kernel passed to transformers: `auto` (SDPA where the architecture supports it, else eager, as
-    transformers decides), `sdpa`, `eager`, or `flash_attention_2` on a GPU that has it."""
+    transformers decides), `sdpa`, `eager`, `flash_attention_2` on a GPU that has it; also `flash_attention_3`,
+    `flash_attention_4`, `flex_attention`, or a hub kernel `org/name`."""
     chunked_loss: bool = True
     """Cross-entropy from lm_head's input, on target positions only, a chunk of vocab-size logits at a time:
     the full (tokens x vocab) logits are never built. Same loss and gradients; false: the model's own logits.
@@ -218,18 +220,95 @@ class Recipe:
 
 SECTIONS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "train": TrainArgs, "generation": GenerationArgs}
 
+ATTN_IMPLEMENTATIONS = (
+    "auto",
+    "sdpa",
+    "eager",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "flex_attention",
+    "paged|eager",
+)
+"""`model.attn_implementation` values: `auto` (transformers picks: sdpa where supported, else eager) and those
+transformers 5 accepts (modeling_utils.AttentionInterface and "eager");
+a value with a `/` is a hub kernel repository (`kernels-community/...`), passed through."""
+
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+"""Recipe files we read (JSON is YAML too)."""
+
+ALIASES = {
+    # Hugging Face TrainingArguments / TRL / axolotl / torchtune / litgpt names -> ours
+    "learning_rate": "train.lr",
+    "lr_scheduler_type": "train.scheduler",
+    "lr_scheduler": "train.scheduler",
+    "batch_size": "train.micro_batch_size",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "train_batch_size": "train.micro_batch_size",
+    "per_device_eval_batch_size": "train.eval_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_accumulation": "train.grad_accum",
+    "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs",
+    "max_train_steps": "train.max_steps",
+    "logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_last",
+    "max_grad_norm": "train.max_grad_norm",
+    "grad_clip": "train.max_grad_norm",
+    "optim": "train.optimizer",
+    "adam_beta1": "train.adam_betas",
+    "adam_beta2": "train.adam_betas",
+    "warmup": "train.warmup_ratio",
+    "lora_r": "lora.r",
+    "lora_rank": "lora.r",
+    "rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "model_name_or_path": "model.name_or_path",
+    "base_model": "model.name_or_path",
+    "model_name": "model.name_or_path",
+    "model_path": "model.name_or_path",
+    "torch_dtype": "model.dtype",
+    "load_in_4bit": "model.quantization",
+    "attn_implementation": "model.attn_implementation",
+    "max_seq_length": "data.max_seq_len",
+    "max_length": "data.max_seq_len",
+    "sequence_len": "data.max_seq_len",
+    "seq_len": "data.max_seq_len",
+    "dataset": "data.path",
+    "datasets": "data.path",
+    "dataset_path": "data.path",
+    "train_file": "data.path",
+    "val_set_size": "data.val_fraction",
+    "sample_packing": "data.packing",
+    "output_path": "output_dir",
+    "out_dir": "output_dir",
+}
+"""Names other tools use for our keys, for the did-you-mean of an unknown key (`learning_rate` -> `train.lr`)."""
+
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """YAML file (optional) + `a.b=value` overrides -> a validated Recipe, or UserError listing every problem."""
+    from trainer.files import read_text
+
     raw: dict = {}
     where = "command line"
     if path is not None:
         path = Path(path)
         where = str(path)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"{path}: recipe file not found; pass the path of a YAML recipe (see launch/recipes/).")
+        if path.suffix.lower() not in RECIPE_SUFFIXES:
+            raise UserError(
+                f"{path}: a {path.suffix or 'suffix-less'} file is not a recipe; recipes are "
+                f"{'/'.join(RECIPE_SUFFIXES)} files (see launch/recipes/)"
+            )
+        text = read_text(path, "a recipe")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
@@ -242,25 +321,36 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
 
 
 def apply_override(raw: dict, item: str) -> None:
+    """Apply one `key.path=value` (value parsed as YAML) to a raw recipe dict, in place; UserError if malformed."""
     if "=" not in item:
         raise UserError(f"override '{item}': expected key.path=value, e.g. train.lr=1e-4")
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts) or any(p != p.strip() for p in parts):
+        raise UserError(f"override '{item}': '{key}' is not a key path; expected key.path=value, e.g. train.lr=1e-4")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as err:
+        raise UserError(f"override '{item}': the value is not valid YAML ({getattr(err, 'problem', err)})") from None
     node = raw
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
-    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    node[parts[-1]] = parsed
 
 
 def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
+    """A raw recipe dict -> a validated Recipe. Every problem (unknown key, wrong type, value out of range,
+    cross-field conflict) is collected and raised as one UserError, one line each, before anything is loaded."""
     problems: list[str] = []
+    bad_keys: set[str] = set()  # keys with a type problem: their range checks would only repeat it
     kwargs = {}
     top_fields = {f.name: f for f in fields(Recipe)}
+    top_hints = get_type_hints(Recipe)
     for key, value in raw.items():
-        if key not in top_fields:
-            problems.append(_unknown(where, key, top_fields))
+        if not isinstance(key, str) or key not in top_fields:
+            problems.append(_unknown(where, str(key)))
             continue
         if key in SECTIONS:
             if value is None and key == "lora":
@@ -270,56 +360,97 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
                 continue
             if not isinstance(value, dict):
                 problems.append(f"{where}: key '{key}' must be a mapping of {sorted(_names(SECTIONS[key]))}")
+                bad_keys.add(key)
                 continue
-            section, section_problems = _build(SECTIONS[key], value, where, key)
+            section, section_problems, section_bad = _build(SECTIONS[key], value, where, key)
             problems += section_problems
+            bad_keys |= section_bad
             kwargs[key] = section
         else:
+            ok, value, allowed = _coerce(top_hints[key], value)
+            if not ok:
+                problems.append(f"{where}: {key}={value!r} is not valid; expected {allowed}")
+                bad_keys.add(key)
+                continue
             kwargs[key] = value
-    if problems:
-        raise UserError("\n".join(problems))
     recipe = Recipe(**kwargs)
-    problems = validate(recipe, where)
+    problems += [line for key, line in _problems(recipe, where) if not _covered(key, bad_keys)]
     if problems:
         raise UserError("\n".join(problems))
     return recipe
+
+
+def _covered(key: str, bad_keys: set[str]) -> bool:
+    return any(key == b or key.startswith(b + ".") for b in bad_keys)
 
 
 def _names(cls) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
-def _unknown(where: str, key: str, valid) -> str:
-    close = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in valid], n=1)
-    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    return f"{where}: unknown key '{key}'{hint}"
+def all_keys() -> list[str]:
+    """Every recipe key as a dotted path (`train.lr`, `output_dir`)."""
+    keys = [f"{name}.{f}" for name, cls in SECTIONS.items() for f in _names(cls)]
+    return keys + [f.name for f in fields(Recipe) if f.name not in SECTIONS]
+
+
+def suggest(key: str) -> str | None:
+    """The recipe key a mistyped or foreign `key` most likely means (`train.learning_rat` -> `train.lr`,
+    `model.lr` -> `train.lr`, `lora_r` -> `lora.r`), or None. Matched on the last part of the path, in order: a
+    key of another section or an `ALIASES` name, exactly; a close match among the same section's keys; a close
+    match among every key and alias."""
+    section, _, leaf = key.rpartition(".")
+    candidates: dict[str, str] = {k.rpartition(".")[2]: k for k in all_keys()}
+    candidates.update(ALIASES if section else {**{s: s for s in SECTIONS}, **ALIASES})
+    if leaf in candidates:  # another section's key, or another tool's name for one of ours
+        return candidates[leaf]
+    if section in SECTIONS:
+        own = difflib.get_close_matches(leaf, _names(SECTIONS[section]), n=1, cutoff=0.75)
+        if own:
+            return f"{section}.{own[0]}"
+    close = difflib.get_close_matches(leaf, list(candidates), n=1, cutoff=0.6)
+    return candidates[close[0]] if close else None
+
+
+def _unknown(where: str, key: str) -> str:
+    close = suggest(key)
+    if close and close != key:
+        return f"{where}: unknown key '{key}'; did you mean '{close}'?"
+    section = key.rpartition(".")[0]
+    valid = _names(SECTIONS[section]) if section in SECTIONS else [f.name for f in fields(Recipe)]
+    prefix = f"{section}." if section in SECTIONS else ""
+    return f"{where}: unknown key '{key}'; valid keys: {', '.join(prefix + k for k in sorted(valid))}"
 
 
 def _build(cls, values: dict, where: str, section: str):
-    problems = []
+    """(section object built from the valid keys, problems, keys with a bad type)."""
+    problems, bad = [], set()
     hints = get_type_hints(cls)
     names = _names(cls)
     kwargs = {}
     for key, value in values.items():
-        if key not in names:
-            problems.append(_unknown(where, f"{section}.{key}", [f"{section}.{n}" for n in names]))
+        if not isinstance(key, str) or key not in names:
+            problems.append(_unknown(where, f"{section}.{key}"))
             continue
         ok, value, allowed = _coerce(hints[key], value)
         if not ok:
             problems.append(f"{where}: {section}.{key}={value!r} is not valid; expected {allowed}")
+            bad.add(f"{section}.{key}")
             continue
         kwargs[key] = value
-    if problems:
-        return None, problems
-    return cls(**kwargs), []
+    return cls(**kwargs), problems, bad
 
 
 def _coerce(hint, value):
-    """Check `value` against a type hint; returns (ok, value, description of what is allowed)."""
+    """Check `value` against a type hint; returns (ok, value, description of what is allowed). Numbers must be
+    finite (NaN and infinities are refused wherever a number is expected)."""
     origin, args = get_origin(hint), get_args(hint)
     if origin is Literal:
-        return value in args, value, "one of " + "|".join("null" if a is None else str(a) for a in args)
+        return (
+            value in args and not isinstance(value, bool),
+            value,
+            "one of " + "|".join("null" if a is None else str(a) for a in args),
+        )
     if args and type(None) in args:  # Optional[X] / X | None
         if value is None:
             return True, None, "null"
@@ -333,17 +464,19 @@ def _coerce(hint, value):
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if hint is float:
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
             try:
-                value = float(value)
+                number = float(value.strip())
             except ValueError:
-                return False, value, "a number"
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value, "a number"
+                return False, value, "a finite number"
+        ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+        return ok, float(number) if ok else value, "a finite number"  # a refused value is shown as written
     if hint is str:
         return isinstance(value, str), value, "a string"
     if hint is dict or origin is dict:
-        return isinstance(value, dict), value, "a mapping"
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        return ok, value, "a mapping of names to names"
     if hint is tuple or origin is tuple:
         ok = isinstance(value, (list, tuple))
         return ok, tuple(value) if ok else value, "a list"
@@ -351,33 +484,63 @@ def _coerce(hint, value):
 
 
 def validate(recipe: Recipe, where: str = "recipe") -> list[str]:
-    """Cross-field checks; every problem, one line each."""
-    p = []
-    m, d, t, lora = recipe.model, recipe.data, recipe.train, recipe.lora
+    """Range and cross-field checks; every problem, one line each."""
+    return [line for _, line in _problems(recipe, where)]
+
+
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1, numpy's default_rng any non-negative int
+
+
+def _problems(recipe: Recipe, where: str) -> list[tuple[str, str]]:
+    """[(key, line)]: every range and cross-field problem of a recipe whose values have the right types."""
+    p: list[tuple[str, str]] = []
+
+    def bad(key: str, message: str) -> None:
+        p.append((key, f"{where}: {message}"))
+
+    m, d, t, g, lora = recipe.model, recipe.data, recipe.train, recipe.generation, recipe.lora
+    if not m.name_or_path.strip():
+        bad("model.name_or_path", "model.name_or_path is empty; give a model folder, a .gguf file or a hub id")
+    if m.attn_implementation not in ATTN_IMPLEMENTATIONS and "/" not in m.attn_implementation:
+        bad(
+            "model.attn_implementation",
+            f"model.attn_implementation={m.attn_implementation!r} is not valid; expected one of "
+            + "|".join(ATTN_IMPLEMENTATIONS)
+            + " or a hub kernel org/name",
+        )
     if not d.path and not d.datasets:
-        p.append(
-            f"{where}: data.path is required (a data file, a folder of them or a hub dataset id), or data.datasets "
-            "(a list of {path: ...} to mix)"
+        bad(
+            "data.path",
+            "data.path is required (a data file, a folder of them or a hub dataset id), or data.datasets "
+            "(a list of {path: ...} to mix)",
         )
     elif d.path and d.datasets:
-        p.append(
-            f"{where}: give data.path or data.datasets, not both (put the path in data.datasets as a {{path: ...}})"
+        bad(
+            "data.path",
+            "give data.path or data.datasets, not both (put the path in data.datasets as a {path: ...})",
         )
-    p += validate_datasets(d, where)
+    p.extend(("data.datasets", line) for line in validate_datasets(d, where))
     if d.num_proc is not None and d.num_proc < 1:
-        p.append(f"{where}: data.num_proc={d.num_proc} must be at least 1 (or null: one per core)")
+        bad("data.num_proc", f"data.num_proc={d.num_proc} must be at least 1 (or null: one per core)")
     if d.wait_timeout < 1:
-        p.append(f"{where}: data.wait_timeout={d.wait_timeout} must be at least 1 (seconds)")
-    if d.chat_template is not None and not d.chat_template:
-        p.append(f"{where}: data.chat_template is empty; use null (the model's own), a built-in name or a Jinja file")
+        bad("data.wait_timeout", f"data.wait_timeout={d.wait_timeout} must be at least 1 (seconds)")
+    if d.chat_template is not None and not d.chat_template.strip():
+        bad(
+            "data.chat_template",
+            "data.chat_template is empty; use null (the model's own), a built-in name or a Jinja file",
+        )
     if d.max_seq_len < 8:
-        p.append(f"{where}: data.max_seq_len={d.max_seq_len} is too small; use at least 8")
+        bad("data.max_seq_len", f"data.max_seq_len={d.max_seq_len} is too small; use at least 8")
     for name in ("val_fraction", "test_fraction"):
         value = getattr(d, name)
         if not 0.0 <= value < 1.0:
-            p.append(f"{where}: data.{name}={value} must be in [0, 1)")
-    if d.val_fraction + d.test_fraction >= 1.0:
-        p.append(f"{where}: data.val_fraction + data.test_fraction must leave rows to train on (< 1)")
+            bad(f"data.{name}", f"data.{name}={value} must be in [0, 1)")
+    if d.val_fraction + d.test_fraction >= 1.0 and 0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1:
+        bad("data.val_fraction", "data.val_fraction + data.test_fraction must leave rows to train on (< 1)")
+    if not 0 <= d.split_seed <= SEED_MAX:
+        bad("data.split_seed", f"data.split_seed={d.split_seed} must be in [0, 2**63)")
+    if not d.hub_split.strip():
+        bad("data.hub_split", "data.hub_split is empty; name a split such as train")
     for name in (
         "epochs",
         "micro_batch_size",
@@ -390,30 +553,59 @@ def validate(recipe: Recipe, where: str = "recipe") -> list[str]:
         "max_bad_steps",
     ):
         if getattr(t, name) < 1:
-            p.append(f"{where}: train.{name}={getattr(t, name)} must be at least 1")
+            bad(f"train.{name}", f"train.{name}={getattr(t, name)} must be at least 1")
     if t.max_steps is not None and t.max_steps < 1:
-        p.append(f"{where}: train.max_steps={t.max_steps} must be at least 1 (or null to use epochs)")
+        bad("train.max_steps", f"train.max_steps={t.max_steps} must be at least 1 (or null to use epochs)")
+    if t.max_eval_batches is not None and t.max_eval_batches < 1:
+        bad("train.max_eval_batches", f"train.max_eval_batches={t.max_eval_batches} must be at least 1 (or null)")
     if t.lr <= 0:
-        p.append(f"{where}: train.lr={t.lr} must be positive")
+        bad("train.lr", f"train.lr={t.lr} must be positive")
     if not 0.0 <= t.warmup_ratio < 1.0:
-        p.append(f"{where}: train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+        bad("train.warmup_ratio", f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        bad("train.warmup_steps", f"train.warmup_steps={t.warmup_steps} must be >= 0 (or null to use warmup_ratio)")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        bad("train.min_lr_ratio", f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    if t.weight_decay < 0:
+        bad("train.weight_decay", f"train.weight_decay={t.weight_decay} must be >= 0")
     if t.max_grad_norm < 0:
-        p.append(f"{where}: train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
+        bad("train.max_grad_norm", f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
+    betas = t.adam_betas
+    if not (
+        len(betas) == 2
+        and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        bad("train.adam_betas", f"train.adam_betas={list(betas)!r} must be two numbers, each in [0, 1)")
+    if not 0 <= t.seed <= SEED_MAX:
+        bad("train.seed", f"train.seed={t.seed} must be in [0, 2**63)")
+    if g.max_new_tokens < 1:
+        bad("generation.max_new_tokens", f"generation.max_new_tokens={g.max_new_tokens} must be at least 1")
+    if g.temperature <= 0:
+        bad("generation.temperature", f"generation.temperature={g.temperature} must be > 0 (greedy ignores it)")
+    if not 0.0 < g.top_p <= 1.0:
+        bad("generation.top_p", f"generation.top_p={g.top_p} must be in (0, 1]")
+    if g.num_samples < 0:
+        bad("generation.num_samples", f"generation.num_samples={g.num_samples} must be >= 0")
     if m.quantization == "nf4" and lora is None:
-        p.append(
-            f"{where}: model.quantization=nf4 needs LoRA (a 4-bit base cannot be fully fine-tuned); "
-            "set lora: {r: 16} or model.quantization: null"
+        bad(
+            "model.quantization",
+            "model.quantization=nf4 needs LoRA (a 4-bit base cannot be fully fine-tuned); "
+            "set lora: {r: 16} or model.quantization: null",
         )
     if lora is not None:
         if lora.r < 1:
-            p.append(f"{where}: lora.r={lora.r} must be at least 1")
+            bad("lora.r", f"lora.r={lora.r} must be at least 1")
+        if lora.alpha <= 0:
+            bad("lora.alpha", f"lora.alpha={lora.alpha} must be > 0")
         if not 0.0 <= lora.dropout < 1.0:
-            p.append(f"{where}: lora.dropout={lora.dropout} must be in [0, 1)")
+            bad("lora.dropout", f"lora.dropout={lora.dropout} must be in [0, 1)")
         tm = lora.target_modules
-        if not (tm == "all-linear" or (isinstance(tm, (list, tuple)) and tm and all(isinstance(x, str) for x in tm))):
-            p.append(f"{where}: lora.target_modules={tm!r} must be 'all-linear' or a list of module names")
-    if not recipe.output_dir:
-        p.append(f"{where}: output_dir is required")
+        if not (
+            tm == "all-linear" or (isinstance(tm, (list, tuple)) and tm and all(isinstance(x, str) and x for x in tm))
+        ):
+            bad("lora.target_modules", f"lora.target_modules={tm!r} must be 'all-linear' or a list of module names")
+    if not recipe.output_dir.strip():
+        bad("output_dir", "output_dir is required")
     return p
 
 

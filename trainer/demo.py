@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.run_dir import RunDir, move_aside
+from trainer.run_dir import FRESH, RunDir, check_output_dir, move_aside
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "demo_smollm2_task.yaml"
 
@@ -61,6 +61,7 @@ def run_demo(
     log=print,
 ) -> dict:
     from trainer import train
+    from trainer.config import recipe_hash
     from trainer.evaluate import eval_run
     from trainer.merge import merge_run
 
@@ -74,10 +75,13 @@ def run_demo(
         model_dir = ensure_smollm2(log=log)
     timings["model_s"] = round(time.perf_counter() - t0, 1)
 
-    if fresh and run_dir.exists():  # nothing on disk is lost: the previous demo moves aside
-        move_aside(run_dir, log=lambda m: log(f"demo: --fresh; {m}"))
     data_path = run_dir / "data" / "task.jsonl"
     recipe = demo_recipe(Path(model_dir), data_path, run_dir, seed, overrides=list(overrides))
+    run = RunDir(run_dir)
+    decision = check_output_dir(run, recipe, fresh=fresh)  # a folder that is not a run of ours is refused
+    if decision == FRESH:  # nothing on disk is lost: the previous demo moves aside
+        move_aside(run_dir, log=lambda m: log(f"demo: --fresh; {m}"))
+    run.write_marker(recipe_hash(recipe))  # the task data is written inside: the folder is a run from here on
     n_rows = n_rows or _recipe_rows(recipe)
     write_task_data(data_path.parent, n_rows, seed)
     log(f"demo: {n_rows} task rows in {data_path}; recipe {DEMO_RECIPE.name}; run folder {run_dir}")

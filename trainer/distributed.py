@@ -365,3 +365,21 @@ def world_info(accelerator: Accelerator) -> dict:
         "backend": accelerator.state.backend,
         "device": str(accelerator.device),
     }
+
+
+def describe_launch(info: dict) -> str:
+    """The start line's words for a launch (`world_info`): `1 process, no distribution`, `2 processes, DDP (gloo)`,
+    `8 processes, DeepSpeed ZeRO-2 (nccl)`, and the device."""
+    n = info["world_size"]
+    processes = f"{n} process" + ("es" if n != 1 else "")
+    kind = info["distributed_type"]
+    backend = f" ({info['backend']})" if info.get("backend") else ""
+    if kind == "NO":
+        how = "no distribution"
+    elif kind == "DEEPSPEED":
+        how = f"DeepSpeed ZeRO-{info.get('zero_stage', 0)}{backend}"
+    elif kind.startswith("MULTI_"):
+        how = f"DDP{backend}"
+    else:
+        how = f"{kind}{backend}"
+    return f"{processes}, {how}, device {info['device']}"

@@ -9,7 +9,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.artifacts import adapter_dir, read_recipe, tokenizer_of
+from trainer.artifacts import Tuned, read_recipe, tokenizer_of, tuned_source
 from trainer.dtypes import torch_dtype
 from trainer.errors import UserError
 from trainer.generate import generate
@@ -173,13 +173,21 @@ def lora_weight_deltas(peft_model) -> list[dict]:
     return rows
 
 
-def _models_to_compare(run: RunDir, recipe, merged: bool, device: str, vocab_size: int):
+def _models_to_compare(run: RunDir, recipe, merged: bool, device: str, vocab_size: int, source: Tuned | None = None):
     """({"base": ctx, "tuned": ctx}, LoRA weight-delta rows): each value a callable returning a context manager
-    that yields the model, so one loaded PEFT model serves as base (adapter disabled) and tuned."""
+    that yields the model, so one loaded PEFT model serves as base (adapter disabled) and tuned. `source`: the
+    trained weights (`artifacts.tuned_source`); `merged`: RUN_DIR/merged instead, when it exists and verifies."""
     from trainer.model import load_base, load_tuned
 
     dtype = torch_dtype(recipe.model.dtype)
-    tuned_folder = run.model if recipe.lora is None else (run.merged if merged and run.merged.is_dir() else None)
+    tuned_folder = None
+    if merged and recipe.lora is not None and run.merged.is_dir():
+        from trainer.artifacts import merged_source
+
+        tuned_folder, source = merged_source(run.root, log=lambda m: None)  # source: when merged/ is not complete
+    if tuned_folder is None:
+        source = source or tuned_source(run.root)
+        tuned_folder = source.model
     if tuned_folder is not None:
         base = load_base(recipe.model, dtype=dtype, quantize=False, device_map={"": device}, vocab_size=vocab_size)
         base = base.eval()
@@ -187,7 +195,7 @@ def _models_to_compare(run: RunDir, recipe, merged: bool, device: str, vocab_siz
             replace(recipe.model, name_or_path=str(tuned_folder)), dtype=dtype, quantize=False, device_map={"": device}
         ).eval()
         return {"base": lambda: contextlib.nullcontext(base), "tuned": lambda: contextlib.nullcontext(tuned)}, []
-    peft_model = load_tuned(recipe, adapter_dir(run), device_map={"": device}, vocab_size=vocab_size)
+    peft_model = load_tuned(recipe, source.adapter, device_map={"": device}, vocab_size=vocab_size)
 
     @contextlib.contextmanager
     def base_ctx():
@@ -205,8 +213,11 @@ def write_weight_deltas_csv(rows: list[dict], csv_path: Path) -> None:
         w.writerows(rows)
 
 
-def eval_run(run_dir: Path, *, exact_match: bool = False, merged: bool = False, log=print) -> dict:
-    """`trainer eval RUN_DIR`: base vs tuned on the run's test split (val when none); report files and plots."""
+def eval_run(
+    run_dir: Path, *, exact_match: bool = False, merged: bool = False, log=print, source: Tuned | None = None
+) -> dict:
+    """`trainer eval RUN_DIR`: base vs tuned on the run's test split (val when none); report files and plots.
+    `source`: the trained weights to evaluate (`artifacts.tuned_source`; default: the final ones)."""
     from trainer.data import prepare_data
     from trainer.model import default_device
 
@@ -216,7 +227,7 @@ def eval_run(run_dir: Path, *, exact_match: bool = False, merged: bool = False, 
     data = prepare_data(recipe.data, tokenizer, log=lambda m: None)
     split, rows = split_for_eval(data)
     convs = conversations(recipe, [s for r in rows["sample_ids"] for s in r], data)
-    models, deltas = _models_to_compare(run, recipe, merged, default_device(), len(tokenizer))
+    models, deltas = _models_to_compare(run, recipe, merged, default_device(), len(tokenizer), source)
     report = {
         "split": split,
         **evaluate_models(

@@ -140,11 +140,25 @@ def _engine_grad_norm(model) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
+class StopSignal(BaseException):
+    """Raised by `StopRequest` when a stop signal arrives while nothing can be saved yet (the setup: data, model).
+    A BaseException, like KeyboardInterrupt, so library code's `except Exception` does not swallow it and every
+    `finally` (the data cache's temp folder) still runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 @dataclass
 class StopRequest:
-    """Set by SIGTERM/SIGUSR1 (schedulers' preemption signals); the loop finishes the step, saves, exits."""
+    """Set by SIGTERM/SIGUSR1 (schedulers' preemption signals); the loop finishes the step, saves, exits.
+
+    With `raising` True (the setup before the first step) the handler raises StopSignal instead, so the process
+    unwinds at once; after the last step the flag is only recorded and the run finishes its final save."""
 
     signum: int | None = None
+    raising: bool = False
     previous: dict = field(default_factory=dict)
 
     def install(self):
@@ -154,10 +168,13 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signum = signum
+        if self.raising:
+            raise StopSignal(signum)
 
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
 
 
 def train(
@@ -171,12 +188,16 @@ def train(
     tracker,
     run: RunDir,
     pad_id: int,
+    stop: StopRequest | None = None,
 ) -> dict:
     """Run optimizer steps until plan.total_steps over `data.train` (validating on `data.val`); returns the final
-    metrics. Every rank runs this."""
+    metrics. Every rank runs this. `stop`: the run's installed StopRequest (its handlers stay installed after the
+    loop); None installs one for the loop only."""
     t = recipe.train
     world, rank = accelerator.num_processes, accelerator.process_index
-    stop = StopRequest().install()
+    own_stop = stop is None
+    stop = StopRequest().install() if own_stop else stop
+    stop.raising = False
     model.train()
     meter = FlopsMeter(model, recipe.model.dtype, accelerator.device, world)  # model TFLOP/s; MFU on known GPUs
     last = {"loss": float("nan")}
@@ -225,7 +246,8 @@ def train(
                 last.update(_validate(model, val_parts, t, accelerator, pad_id, state, tracker))
             preempted = counts["stop_votes"] > 0
             if state.step % t.save_every == 0 or is_last or preempted:
-                extra = {"data_fingerprint": data.fingerprint}  # a resume refuses data that changed since
+                # a resume refuses data that changed since (data_fingerprint) and names "step N of M" (total_steps)
+                extra = {"data_fingerprint": data.fingerprint, "total_steps": plan.total_steps}
                 checkpoint.save(accelerator, model, run.root, state, recipe, extra_state=extra, log=tracker.print)
             if preempted:
                 tracker.print(
@@ -235,7 +257,8 @@ def train(
                 last["preempted"] = True
                 break
     finally:
-        stop.restore()
+        if own_stop:
+            stop.restore()
     return {**last, "flops": meter.summary()}
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.artifacts import adapter_dir, read_recipe, tokenizer_of
+from trainer.artifacts import Tuned, adapter_fingerprint, read_recipe, tokenizer_of, tuned_source
+from trainer.checkpoint import write_manifest
 from trainer.errors import UserError
 from trainer.generate import left_padded, prompt_ids
 from trainer.model import default_device, load_tuned
@@ -40,14 +41,17 @@ def logits_of(model, inputs: dict) -> torch.Tensor:
     return out[inputs["attention_mask"].bool()]
 
 
-def merge_run(run_dir: Path, log=print) -> dict:
+def merge_run(run_dir: Path, log=print, source: Tuned | None = None) -> dict:
     """`trainer merge RUN_DIR`: base + adapter merged -> RUN_DIR/merged/ (weights, tokenizer, generation config
-    with the stop tokens, merge_report.json with the logits checks). Returns the report."""
+    with the stop tokens, merge_report.json with the logits checks, manifest.json last). `source`: which adapter
+    (`artifacts.tuned_source`; default the final one, or the newest verified checkpoint's of an unfinished run,
+    whose merge goes to RUN_DIR/merged-step-N/). Returns the report."""
     run = RunDir(run_dir)
     recipe = read_recipe(run)
     if recipe.lora is None:
         raise UserError(f"{run.root}: a full fine-tune has nothing to merge; its model is in {run.model}")
-    adapter = adapter_dir(run)
+    source = source or tuned_source(run.root, log=log)
+    adapter = source.adapter
     tokenizer = tokenizer_of(run, recipe)
     device = default_device()
     tuned = load_tuned(recipe, adapter, device_map={"": device}, vocab_size=len(tokenizer))
@@ -57,6 +61,8 @@ def merge_run(run_dir: Path, log=print) -> dict:
     merged_logits = logits_of(merged, inputs)
     report = {
         "adapter": str(adapter),
+        "source": source.label,
+        "adapter_manifest_sha256": adapter_fingerprint(adapter),
         "dtype": recipe.model.dtype,
         "check_prompts": len(CHECK_PROMPTS),
         "max_abs_diff_merged_vs_adapter": float((merged_logits - with_adapter).abs().max()),
@@ -72,10 +78,12 @@ def merge_run(run_dir: Path, log=print) -> dict:
             "(the NF4 quantization error: the adapter was trained against the 4-bit weights)"
         )
         del q
-    out = run.merged
+    out = source.merged
+    (out / "manifest.json").unlink(missing_ok=True)  # incomplete until the new manifest is written, last
     merged.save_pretrained(str(out), safe_serialization=True)
     # tokenizer + generation_config.json whose eos_token_id is the list of stop ids (end-of-turn tokens, eos)
     save_tokenizer(tokenizer, out, generation_config=merged.generation_config)
-    run.merge_report.write_text(json.dumps(report, indent=1))
-    log(f"merge: wrote {out}")
+    (out / run.merge_report.name).write_text(json.dumps(report, indent=1))
+    write_manifest(out)
+    log(f"merge: wrote {out} (from {source.label})")
     return report

@@ -20,18 +20,39 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def source_args(name_or_path: str) -> tuple[str, dict]:
-    """(path for from_pretrained, extra kwargs): a `.gguf` file loads from its folder with `gguf_file=`."""
+def source_args(name_or_path: str, tokenizer_only: bool = False) -> tuple[str, dict]:
+    """(path for from_pretrained, extra kwargs): a `.gguf` file loads from its folder with `gguf_file=`; a local
+    folder is checked first (`trainer.preflight.check_model`: config.json, complete weights; only the tokenizer
+    files with `tokenizer_only`); a hub id gets `local_files_only` when the hub cannot be reached but the model is
+    cached (UserError at once when not)."""
+    from trainer.preflight import check_model, hub_kwargs, is_local
+
     p = Path(name_or_path).expanduser()
+    if not is_local(name_or_path):
+        return name_or_path, hub_kwargs(name_or_path)
+    check_model(name_or_path, tokenizer_only=tokenizer_only)
     if p.suffix == ".gguf":
-        if not p.is_file():
-            raise UserError(f"model.name_or_path: {p} not found")
         return str(p.parent), {"gguf_file": p.name}
-    if p.exists():
-        return str(p), {}
-    if p.is_absolute() or name_or_path.startswith((".", "~")):
-        raise UserError(f"model.name_or_path: {p} not found; give a model folder, a .gguf file or a hub id")
-    return name_or_path, {}
+    return str(p), {}
+
+
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, UnicodeDecodeError)
+"""What transformers / peft / safetensors / torch.load raise for a file they cannot read (safetensors'
+SafetensorError and pickle's UnpicklingError are subclasses of these or added where imported)."""
+
+
+def load_errors() -> tuple:
+    """LOAD_ERRORS plus the loaders' own exception types."""
+    import pickle
+
+    extra = [pickle.UnpicklingError]
+    try:
+        from safetensors import SafetensorError
+
+        extra.append(SafetensorError)
+    except ImportError:  # older safetensors: it raises a plain exception subclass
+        pass
+    return (*LOAD_ERRORS, *extra)
 
 
 def load_base(cfg: ModelArgs, *, dtype: torch.dtype, quantize: bool, device_map=None, vocab_size: int | None = None):
@@ -56,22 +77,45 @@ def load_base(cfg: ModelArgs, *, dtype: torch.dtype, quantize: bool, device_map=
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise UserError(f"model.name_or_path: cannot load '{cfg.name_or_path}': {str(err).splitlines()[0]}") from None
-    except (ValueError, ImportError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "attn" in str(err).lower() or "attention" in str(err).lower():
+    except (*load_errors(), ImportError) as err:
+        text = str(err)
+        if isinstance(err, ValueError | ImportError) and ("attn" in text.lower() or "attention" in text.lower()):
+            first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
             raise UserError(
                 f"model.attn_implementation={cfg.attn_implementation}: {first}; use auto (sdpa where supported, "
                 "else eager) or eager"
             ) from None
-        raise UserError(f"model.name_or_path: cannot load '{cfg.name_or_path}': {first}") from None
+        raise UserError(load_error_line(err, Path(path), "model.name_or_path", cfg.name_or_path)) from None
     detach_gguf_quantizer(model)
     model.config.use_cache = False
     rows = model.get_input_embeddings().weight.shape[0]
     if vocab_size is not None and vocab_size > rows:
         model.resize_token_embeddings(vocab_size)  # new rows: the mean of the old ones (transformers' default)
     return model
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def load_error_line(err: BaseException, folder: Path, what: str, name: str) -> str:
+    """One line for a loader's exception, naming the weight file when the folder has one: a pickle that
+    torch.load(weights_only=True) refuses is said to be one (it would run code), not a stack of torch advice."""
+    import pickle
+
+    from trainer.preflight import WEIGHT_SUFFIXES
+
+    files = sorted(f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+    pickles = [f for f in files if f.suffix != ".safetensors"]
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+        where = pickles[0] if len(pickles) == 1 else folder
+        return (
+            f"{what}: {where}: refused: a pickle that would run code when loaded (torch.load weights_only=True "
+            "rejects it); use .safetensors weights from a source you trust"
+        )
+    where = f"{files[0]}" if len(files) == 1 else f"'{name}'"
+    return f"{what}: cannot load {where}: {_first_line(err)}"
 
 
 def detach_gguf_quantizer(model) -> None:
@@ -176,6 +220,9 @@ def load_tuned(recipe, adapter: Path, *, quantized: bool = False, device_map=Non
     in eval mode. `vocab_size`: the run's tokenizer length (embeddings resized when the run added tokens)."""
     from peft import PeftModel
 
+    from trainer.preflight import check_adapter_folder
+
+    check_adapter_folder(adapter)
     base = load_base(
         recipe.model,
         dtype=torch_dtype(recipe.model.dtype),
@@ -183,4 +230,7 @@ def load_tuned(recipe, adapter: Path, *, quantized: bool = False, device_map=Non
         device_map=device_map,
         vocab_size=vocab_size,
     )
-    return PeftModel.from_pretrained(base, str(adapter)).eval()
+    try:
+        return PeftModel.from_pretrained(base, str(adapter)).eval()
+    except load_errors() as err:
+        raise UserError(load_error_line(err, Path(adapter), "adapter", str(adapter))) from None

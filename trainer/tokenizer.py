@@ -30,12 +30,12 @@ def load_tokenizer(name_or_path: str):
     eos when it has none (padding is masked by position, so the id only fills)."""
     from transformers import AutoTokenizer
 
-    from trainer.model import source_args
+    from trainer.model import load_errors, source_args
 
-    path, extra = source_args(name_or_path)
+    path, extra = source_args(name_or_path, tokenizer_only=True)
     try:
         tok = AutoTokenizer.from_pretrained(path, **extra)
-    except OSError as err:
+    except load_errors() as err:
         raise UserError(
             f"model.name_or_path: cannot load a tokenizer from '{name_or_path}': {str(err).splitlines()[0]}"
         ) from None

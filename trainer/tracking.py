@@ -1,12 +1,20 @@
 """Metrics out: CSV, TensorBoard scalars and a rich progress bar. Built on rank 0 only (`make_tracker`
-returns a no-op elsewhere), so no other module has to ask which rank it is on before logging."""
+returns a no-op elsewhere), so no other module has to ask which rank it is on before logging.
+
+Without a progress bar (`--no-progress`, or stdout not a terminal: a log file, a SLURM job) every logged step
+and every eval is one plain line (step, loss, lr, tokens/s, ETA; eval loss and perplexity), so a run is never
+silent. metrics.csv is only ever appended to; a resume that drops rows past its checkpoint writes a new file
+and renames it over the old one, so a kill at any moment leaves the whole history.
+"""
 
 from __future__ import annotations
 
 import csv
 import math
+import time
 from pathlib import Path
 
+from trainer.errors import UserError
 from trainer.run_dir import RunDir
 
 CSV_FIELDS = [
@@ -49,13 +57,14 @@ class Tracker:
         self.csv_path = run.metrics
         self.extra = list(extra_fields)  # e.g. eval/loss/NAME per dataset: a CSV column and a TensorBoard tag each
         fields = CSV_FIELDS + self.extra
-        keep_rows_up_to(self.csv_path, start_step, fields)  # a resumed run rewrites what came after its checkpoint
+        keep_rows_up_to(run, start_step, fields)  # a resumed run drops what came after its checkpoint (new file)
         new = not self.csv_path.exists()
         self._csv_file = self.csv_path.open("a", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=fields, extrasaction="ignore")
         if new:
             self._csv.writeheader()
         self.tb = SummaryWriter(str(run.tensorboard), purge_step=start_step or None)
+        self.total_steps, self.start_step, self.started = total_steps, start_step, time.perf_counter()
         self.progress = None
         if show_progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -87,6 +96,20 @@ class Tracker:
             self.progress.console.print(
                 f"step {step}: eval loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
             )
+        if self.progress is None:
+            print(self.plain_line(step, metrics), flush=True)
+
+    def plain_line(self, step: int, metrics: dict) -> str:
+        """The line printed for a logged step or an eval when there is no progress bar."""
+        head = f"step {step}/{self.total_steps}"
+        if "loss" in metrics:
+            done = step - self.start_step
+            rest = (time.perf_counter() - self.started) / done * (self.total_steps - step) if done > 0 else None
+            return (
+                f"{head}: loss {metrics['loss']:.4f}, lr {metrics['lr']:.2e}, "
+                f"{metrics.get('tokens_per_s', 0):.0f} tok/s, ETA {format_seconds(rest)}"
+            )
+        return f"{head}: eval loss {metrics.get('eval_loss', float('nan')):.4f}, ppl {metrics.get('eval_ppl', float('nan')):.2f}"
 
     def advance(self, step: int) -> None:
         if self.progress is not None:
@@ -99,10 +122,15 @@ class Tracker:
             print(message, flush=True)
 
     def close(self) -> None:
+        """Stop the bar, flush and close the files; a write the storage refuses now (disk full) is not raised
+        again here: the error that stopped the run is the one reported."""
         if self.progress is not None:
             self.progress.stop()
-        self.tb.close()
-        self._csv_file.close()
+        for close in (self.tb.close, self._csv_file.close):
+            try:
+                close()
+            except OSError:
+                pass
 
 
 class NullTracker:
@@ -126,22 +154,55 @@ def make_tracker(
     return Tracker(run, total_steps, start_step, show_progress, extra_fields) if is_main else NullTracker()
 
 
-def keep_rows_up_to(path: Path, step: int, fields: list[str] | None = None) -> None:
-    """Drop metrics.csv rows after `step` (a resumed run writes them again); the header becomes `fields`."""
+def keep_rows_up_to(run: RunDir, step: int, fields: list[str] | None = None) -> None:
+    """Drop metrics.csv rows after `step` (a resume continues from its checkpoint): the kept rows go to a new
+    file that is renamed over metrics.csv, never rewritten in place; its header becomes `fields` (default
+    CSV_FIELDS). A torn last line (a kill mid-write) is dropped. UserError when the file is not one we wrote
+    (not UTF-8, no step column)."""
+    from trainer.files import atomic_write_text, utf8_problem
+
+    path = run.metrics
     if not path.exists():
         return
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-        header = reader.fieldnames
-    kept = [r for r in rows if r.get("step") and int(r["step"]) <= step]
+    data = path.read_bytes()
+    problem = utf8_problem(data)
+    if problem:
+        raise UserError(f"{path}: {problem}; move it away to start a new one")
+    text = data.decode("utf-8")
+    reader = csv.DictReader(text.splitlines())
+    rows = list(reader)
     fields = fields or CSV_FIELDS
-    if len(kept) == len(rows) and header == fields:
+    if rows and "step" not in rows[0]:
+        raise UserError(f"{path}: not a metrics file written by trainer (no step column); move it away")
+    kept = [r for r in rows if _step(r) is not None and _step(r) <= step and None not in r.values()]
+    if len(kept) == len(rows) and text.endswith("\n") and reader.fieldnames == fields:
         return
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(kept)
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(path, out.getvalue())
+
+
+def _step(row: dict) -> int | None:
+    try:
+        return int(row.get("step") or "")
+    except ValueError:
+        return None
+
+
+def format_seconds(seconds: float | None) -> str:
+    """`1h02m`, `3m12s`, `45s`; `?` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 def read_metrics(path: Path) -> list[dict]:

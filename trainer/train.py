@@ -7,6 +7,7 @@ config -> accelerator -> run folder / resume decision -> tokenizer -> data -> mo
 from __future__ import annotations
 
 import json
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,28 +15,50 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
-from trainer.config import Recipe, dump_yaml
+from trainer.config import Recipe, dump_yaml, recipe_hash
 from trainer.data import describe, prepare_data
-from trainer.distributed import build_accelerator, world_info
+from trainer.distributed import build_accelerator, describe_launch, is_main, world_info
 from trainer.dtypes import MIXED_PRECISION
 from trainer.errors import UserError
-from trainer.loop import PREEMPTED_EXIT, NonFiniteLoss, make_plan, peak_memory_gib, train
+from trainer.files import as_storage_error, atomic_write_text, disk_error
+from trainer.loop import PREEMPTED_EXIT, NonFiniteLoss, StopRequest, StopSignal, make_plan, peak_memory_gib, train
 from trainer.model import build_model
 from trainer.optim import build_optimizer
 from trainer.packing_check import packing_isolation
-from trainer.run_dir import RunDir, move_aside
+from trainer.run_dir import FRESH, RESTART, RESUME, RunDir, check_output_dir, move_aside, restart_or_refuse
 from trainer.state import TrainState
 from trainer.tokenizer import RunTokenizer, run_tokenizer, save_tokenizer
 from trainer.tracking import make_tracker
 
 
 def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_progress: bool = True) -> dict:
-    """Train per the recipe; returns run_summary (also written to RUN_DIR/run_summary.json on rank 0)."""
+    """Train per the recipe; returns run_summary (also written to RUN_DIR/run_summary.json on rank 0).
+
+    Nothing is written before the output_dir is known to be ours (`check_output_dir`). A stop signal during the
+    setup exits with PREEMPTED_EXIT and nothing saved; during the loop the step finishes, a checkpoint is saved
+    and the exit code is PREEMPTED_EXIT; after the last step the run completes its final save and exits 0."""
     started = time.perf_counter()
+    run = RunDir(recipe.output_dir)
+    decision = check_output_dir(run, recipe, fresh=fresh, resume=resume)  # before anything is written or loaded
+    stop = StopRequest(raising=True).install()
+    try:
+        return _run(recipe, run, decision, resume, show_progress, stop, started)
+    except StopSignal as sig:
+        if is_main():
+            print(
+                f"stopped by {signal.Signals(sig.signum).name} during setup, before the first step: nothing to save "
+                f"yet; exiting with code {PREEMPTED_EXIT}; rerun the same command to start",
+                flush=True,
+            )
+        raise SystemExit(PREEMPTED_EXIT) from None
+    finally:
+        stop.restore()
+
+
+def _run(recipe: Recipe, run: RunDir, decision: str, resume, show_progress: bool, stop: StopRequest, started) -> dict:
     accelerator = _setup_accelerator(recipe)
     log = _logger(accelerator)
-    run = RunDir(recipe.output_dir)
-    ckpt = _setup_resume(run, recipe, resume, fresh, accelerator, log)
+    ckpt = _setup_resume(run, recipe, resume, decision, accelerator, log)
     torch.manual_seed(recipe.train.seed)
     chat = run_tokenizer(recipe.model.name_or_path, recipe.data)  # pad token, chat template, stop tokens: once, here
     tokenizer = chat.tokenizer
@@ -60,19 +83,25 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
         state = checkpoint.load(accelerator, ckpt, model, optimizer)
         log(f"resume: from {ckpt} at step {state.step} (epoch {state.epoch}, {state.samples_seen} samples seen)")
     plan = make_plan(len(data.train), used, accelerator.num_processes, data.train["length"])
+    if ckpt is not None and state.cursor >= plan.rows:
+        raise UserError(
+            f"{ckpt / 'trainer_state.json'}: cursor={state.cursor} is past the {plan.rows} training rows of an "
+            "epoch; this checkpoint is not of this data; resume another checkpoint or start over with --fresh"
+        )
     if accelerator.is_main_process:
-        run.root.mkdir(parents=True, exist_ok=True)
-        run.config.write_text(dump_yaml(recipe))
+        _claim(run, recipe)
+    accelerator.wait_for_everyone()
     per_dataset = [f"eval/loss/{name}" for name in data.names] if len(data.names) > 1 and data.val else []
     tracker = make_tracker(accelerator.is_main_process, run, plan.total_steps, state.step, show_progress, per_dataset)
-    info = world_info(accelerator)
     log(
-        f"train: {plan.total_steps} steps of {plan.rows_per_step} rows ({plan.steps_per_epoch} per epoch), "
-        f"{info['world_size']} process(es), {info['distributed_type']}"
+        f"train: {plan.total_steps} steps of {plan.rows_per_step} rows ({plan.steps_per_epoch} per epoch); "
+        f"{describe_launch(world_info(accelerator))}"
     )
     before = {"step": state.step, "tokens": state.tokens_seen, "wall": state.wall_time}
     try:
-        last = train(recipe, accelerator, model, optimizer, data, state, plan, tracker, run, tokenizer.pad_token_id)
+        last = train(
+            recipe, accelerator, model, optimizer, data, state, plan, tracker, run, tokenizer.pad_token_id, stop=stop
+        )
     except NonFiniteLoss as err:
         raise UserError(str(err)) from None
     finally:
@@ -101,11 +130,46 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
             f"(peak {summary['mfu_peak']}, {recipe.model.dtype})"
         )
     if accelerator.is_main_process:
-        run.summary.write_text(json.dumps(summary, indent=1))
+        try:
+            atomic_write_text(run.summary, json.dumps(summary, indent=1))
+        except OSError as err:
+            raise UserError(f"train: cannot write the run summary: {disk_error(err, run.summary)}") from None
     accelerator.wait_for_everyone()
     if last.get("preempted"):
         raise SystemExit(PREEMPTED_EXIT)
+    log(_final_line(summary, run, recipe))
+    if stop.signum is not None:
+        log(
+            f"{signal.Signals(stop.signum).name} arrived after the last step: the run had finished and its final "
+            "save is complete; exiting with code 0"
+        )
     return summary
+
+
+def _final_line(summary: dict, run: RunDir, recipe: Recipe) -> str:
+    """The last line of a run: steps, time, final loss, eval loss and perplexity, where the result is."""
+    from trainer.tracking import format_seconds
+
+    loss, ev, ppl = summary.get("final_loss"), summary.get("final_eval_loss"), summary.get("final_eval_ppl")
+    parts = [f"done: {summary['steps']} steps in {format_seconds(summary['process_wall_s'])}"]
+    if not summary.get("steps_this_session"):
+        parts[0] = f"done: the run was already complete at step {summary['steps']}; its final result written again"
+    if loss is not None and loss == loss:  # NaN when no step ran in this session
+        parts.append(f"final loss {loss:.4f}")
+    if ev is not None:
+        parts.append(f"eval loss {ev:.4f} (ppl {ppl:.2f})")
+    parts.append(f"{'adapter' if recipe.lora is not None else 'model'} in {run.adapter if recipe.lora else run.model}")
+    return "; ".join(parts)
+
+
+def _claim(run: RunDir, recipe: Recipe) -> None:
+    """Rank 0: create or adopt the run folder (the marker first, then the recipe). A storage that refuses the
+    write is one line naming the path."""
+    try:
+        run.write_marker(recipe_hash(recipe))
+        atomic_write_text(run.config, dump_yaml(recipe))
+    except OSError as err:
+        raise UserError(f"output_dir: cannot write {run.root}: {disk_error(err, run.root)}") from None
 
 
 def _setup_data(recipe: Recipe, tokenizer, accelerator, log, ckpt: Path | None):
@@ -207,8 +271,9 @@ def _setup_accelerator(recipe: Recipe):
     )
 
 
-def _setup_resume(run: RunDir, recipe: Recipe, resume: str | None, fresh: bool, accelerator, log):
-    """Which checkpoint to resume from (None: start at step 0). Decided before anything heavy is loaded."""
+def _setup_resume(run: RunDir, recipe: Recipe, resume: str | None, decision: str, accelerator, log):
+    """Which checkpoint to resume from (None: start at step 0). Decided before anything heavy is loaded;
+    `decision` is `check_output_dir`'s."""
     if resume:
         ckpt = Path(resume)
         if not ckpt.is_dir():
@@ -216,15 +281,19 @@ def _setup_resume(run: RunDir, recipe: Recipe, resume: str | None, fresh: bool, 
         problem = checkpoint.verify(ckpt)
         if problem:
             raise UserError(f"--resume {ckpt}: {problem}; pick another checkpoint from {ckpt.parent}")
-    elif fresh:
-        if checkpoint.list_checkpoints(run.root) or run.metrics.exists():
-            if accelerator.is_main_process:  # nothing on disk is lost: the previous run moves aside
-                move_aside(run.root, log=lambda m: log(f"--fresh: starting over; {m}"))
-            accelerator.wait_for_everyone()
+    elif decision == FRESH:
+        if accelerator.is_main_process:  # nothing on disk is lost: the previous run moves aside
+            move_aside(run.root, log=lambda m: log(f"--fresh: starting over; {m}"))
+        accelerator.wait_for_everyone()
+        return None
+    elif decision == RESTART:
+        log(f"train: {run.root} holds an unfinished run with no checkpoint; starting it over")
         return None
     else:
         ckpt = checkpoint.find_resumable(run.root, log=log)
         if ckpt is None:
+            if decision == RESUME and restart_or_refuse(run, recipe) == RESTART:
+                log(f"train: no complete checkpoint in {run.checkpoints}; starting over")
             return None
     problem = resume_topology_problem(
         checkpoint.read_state(ckpt),
@@ -236,6 +305,11 @@ def _setup_resume(run: RunDir, recipe: Recipe, resume: str | None, fresh: bool, 
         raise UserError(f"{ckpt}: {problem}")
     for change in checkpoint.check_compatible(ckpt, recipe):
         log(f"resume: recipe change accepted: {change}")
+    if accelerator.is_main_process and ckpt.parent == run.checkpoints:
+        if resume:
+            checkpoint.set_aside_newer(ckpt, log=log)
+        checkpoint.point_latest_at(ckpt)
+    accelerator.wait_for_everyone()
     return ckpt
 
 
@@ -286,20 +360,34 @@ def _device_map(recipe: Recipe, accelerator):
 
 
 def _save_final(accelerator, model, tokenizer, run: RunDir) -> None:
-    """Every rank calls it (under DeepSpeed the adapter's fp32 weights are gathered collectively); rank 0 writes."""
+    """Every rank calls it (under DeepSpeed the adapter's fp32 weights are gathered collectively); rank 0 writes
+    adapter/ (or model/) with the tokenizer, then its manifest.json (size and sha256 of every file, the
+    checkpoints' format) last, so that post-training commands can tell a complete one from a torn one."""
     unwrapped = accelerator.unwrap_model(model)
     adapter = checkpoint.trainable_state_dict(accelerator, model) if checkpoint.is_peft(accelerator, model) else None
     if not accelerator.is_main_process:
         return
-    if adapter is not None:
-        out = run.adapter
-        checkpoint.save_adapter(accelerator, model, out, adapter)
-    else:
-        out = run.model
-        unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=accelerator.get_state_dict(model))
-    base = getattr(unwrapped, "get_base_model", lambda: unwrapped)()
-    # the exact tokenizer and chat template used in training, and generation_config.json with the stop ids
-    save_tokenizer(tokenizer, out, generation_config=getattr(base, "generation_config", None))
+    out = run.adapter if adapter is not None else run.model
+    try:
+        (out / "manifest.json").unlink(missing_ok=True)  # the folder is incomplete until the new manifest exists
+        if adapter is not None:
+            checkpoint.save_adapter(accelerator, model, out, adapter)
+        else:
+            unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=accelerator.get_state_dict(model))
+        base = getattr(unwrapped, "get_base_model", lambda: unwrapped)()
+        # the exact tokenizer and chat template used in training, and generation_config.json with the stop ids
+        save_tokenizer(tokenizer, out, generation_config=getattr(base, "generation_config", None))
+        checkpoint.write_manifest(out)
+    except Exception as err:  # noqa: BLE001 - a refused write is one line; anything else is raised as it is
+        storage = as_storage_error(err, out if out.exists() else run.root)
+        if storage is None:
+            raise
+        last = checkpoint.find_resumable(run.root, log=lambda m: None)
+        kept = f"the last complete checkpoint {last} holds the trained weights" if last else "no checkpoint was saved"
+        raise UserError(
+            f"train: cannot write {out.name}/: {disk_error(storage, out)}; {kept}. Free space and rerun the same "
+            "command: it resumes from there and writes the final result again"
+        ) from None
 
 
 def _logger(accelerator):

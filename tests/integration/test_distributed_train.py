@@ -236,7 +236,8 @@ def test_both_ranks_run_and_know_the_world(name, request):
     s = run.summary
     assert (s["world_size"], s["rank"], s["distributed_type"], s["backend"]) == (WORLD, 0, LAUNCHES[name], "gloo")
     assert s["zero_stage"] == (2 if name == "zero2" else 0)
-    assert f"{WORLD} process(es), {LAUNCHES[name]}" in run.out
+    launch = "DDP (gloo)" if name == "ddp" else "DeepSpeed ZeRO-2 (gloo)"
+    assert f"; {WORLD} processes, {launch}, device cpu" in run.out
     for ckpt in sorted((run.dir / "checkpoints").glob("step-*")):
         # Each rank writes rng/rank-{its own process_index}.json: two files = two ranks, each knowing its rank
         # (with the accelerate-on-CPU bug every rank was "process 0 of 1" and wrote rank-0.json).
@@ -269,6 +270,7 @@ def test_one_epoch_trains_on_every_sample_once(name, request):
 def test_only_rank0_writes_run_files(name, request):
     run: Run = request.getfixturevalue(name)
     assert sorted(p.name for p in run.dir.iterdir()) == [
+        ".trainer-run",
         "adapter",
         "checkpoints",
         "config.yaml",

@@ -499,7 +499,7 @@ def test_world_size_change_2_to_1_and_1_to_2_processes(tmp_path, make_raw):
     def ddp(recipe: Path, log: str) -> str:
         out = run(ddp_cmd(["-m", "trainer"], recipe))
         (tmp_path / log).write_text(out.stdout + out.stderr)
-        assert "2 process(es), MULTI_CPU" in out.stdout, out.stdout[-3000:]
+        assert "2 processes, DDP (gloo)" in out.stdout, out.stdout[-3000:]
         return out.stdout
 
     single = tmp_path / "single"

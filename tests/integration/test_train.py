@@ -36,6 +36,7 @@ def test_lora_run_on_alpaca_loss_falls_and_writes_layout(tmp_path, tiny_model_di
     run_train(raw, tmp_path)
     # Exact layout
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".trainer-run",
         "adapter",
         "checkpoints",
         "config.yaml",

@@ -396,3 +396,145 @@ def test_whole_state_that_does_not_match_the_model_is_one_line(saved_checkpoint)
         UserError, match=rf"full_optimizer\.safetensors: exp_avg/{dropped} is missing or has shape \(3,\)"
     ):
         checkpoint.read_full_state(ck, acc.unwrap_model(model))
+
+
+# ----------------------------------------------------------------------------------------------- untrusted files
+def _name_in_manifest(ck: Path, rel: str) -> None:
+    mf = json.loads((ck / "manifest.json").read_text())
+    mf["files"][rel] = {"bytes": 1, "sha256": "0" * 64}
+    (ck / "manifest.json").write_text(json.dumps(mf))
+
+
+@pytest.mark.parametrize(
+    "rel, problem",
+    [
+        ("../step-2/trainer_state.json", "a path that leaves the checkpoint folder"),
+        ("accelerate/../../x", "a path that leaves the checkpoint folder"),
+        ("/dev/zero", "an absolute path outside the checkpoint folder"),
+        ("/etc/passwd", "an absolute path outside the checkpoint folder"),
+        ("", "not a relative path"),
+    ],
+)
+def test_manifest_paths_are_confined_to_the_checkpoint(tmp_path, rel, problem):
+    fake_checkpoint(tmp_path, 2)
+    ck = fake_checkpoint(tmp_path, 4)
+    _name_in_manifest(ck, rel)
+    assert checkpoint.verify(ck) == f"manifest.json names {rel!r}, {problem} (never read)"
+
+
+def test_special_files_and_symlinks_out_are_never_read(tmp_path):
+    import os
+    import time
+
+    ck = fake_checkpoint(tmp_path, 4)
+    os.mkfifo(ck / "accelerate" / "pipe.bin")  # reading it would block forever
+    _name_in_manifest(ck, "accelerate/pipe.bin")
+    t0 = time.perf_counter()
+    assert checkpoint.verify(ck) == "accelerate/pipe.bin is not a regular file (never read)"
+    assert time.perf_counter() - t0 < 5
+
+    ck = fake_checkpoint(tmp_path, 6)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"weights" * 100)
+    (ck / "accelerate" / "model.safetensors").unlink()
+    (ck / "accelerate" / "model.safetensors").symlink_to(outside)  # same bytes: only the symlink is wrong
+    assert checkpoint.verify(ck) == (
+        f"accelerate/model.safetensors is a symlink to {outside}, outside the checkpoint folder (never followed)"
+    )
+    ck = fake_checkpoint(tmp_path, 8)
+    (ck / "extra").symlink_to(tmp_path, target_is_directory=True)  # a folder link out, listed or not
+    assert checkpoint.verify(ck) == f"extra is a symlink to {tmp_path}, outside the checkpoint folder (never followed)"
+    link = tmp_path / "checkpoints" / "step-10"
+    link.symlink_to(ck)
+    assert checkpoint.verify(link).startswith("is a symlink to ")
+
+
+@pytest.mark.parametrize(
+    "state, problem",
+    [
+        ({"step": "4"}, "field step='4' must be an integer >= 0"),
+        ({"step": -1}, "field step=-1 must be an integer >= 0"),
+        ({"step": 4.0}, "field step=4.0 must be an integer >= 0"),
+        ({"step": True}, "field step=True must be an integer >= 0"),
+        ({"step": 4, "cursor": None}, "field cursor=None must be an integer >= 0"),
+        ({"step": 4, "wall_time": float("inf")}, "field wall_time=inf must be a finite number >= 0"),
+        ({"step": 4, "wall_time": "1 h"}, "field wall_time='1 h' must be a finite number >= 0"),
+        ({"step": 4, "world_size": 0}, "field world_size=0 must be an integer >= 1"),
+        ({"step": 4, "recipe_hash": 7}, "field recipe_hash=7 must be a string"),
+        ([4], "expected a JSON object, found list"),
+    ],
+)
+def test_trainer_state_is_type_checked(tmp_path, state, problem):
+    ck = fake_checkpoint(tmp_path, 4)
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    checkpoint.write_manifest(ck)
+    assert checkpoint.verify(ck) == f"trainer_state.json: {problem}"
+    with pytest.raises(UserError, match=r"trainer_state\.json: " + problem.replace("(", r"\(").replace("[", r"\[")):
+        checkpoint.read_state(ck)
+
+
+def test_unknown_state_keys_are_accepted(tmp_path):
+    ck = fake_checkpoint(tmp_path, 4)
+    (ck / "trainer_state.json").write_text(json.dumps({"step": 4, "data_fingerprint": "abc", "zero_stage": 2}))
+    checkpoint.write_manifest(ck)
+    assert checkpoint.verify(ck) is None
+
+
+def test_text_that_is_not_utf8_is_named_with_its_offset(tmp_path):
+    ck = fake_checkpoint(tmp_path, 4)
+    (ck / "trainer_state.json").write_bytes(b'{"step": 4, "note": "\xc3("}')
+    checkpoint.write_manifest(ck)
+    assert checkpoint.verify(ck) == "trainer_state.json: not UTF-8 text (byte 0xc3 at byte offset 21); save it as UTF-8"
+    (ck / "manifest.json").write_bytes(b'{"files": {}}\xff')
+    assert checkpoint.verify(ck) == "manifest.json: not UTF-8 text (byte 0xff at byte offset 13); save it as UTF-8"
+
+
+# ----------------------------------------------------------------------------------------------- latest
+def _latest(root: Path) -> str | None:
+    f = root / "latest"
+    return f.read_text().strip() if f.exists() else None
+
+
+def test_latest_names_a_complete_checkpoint_at_every_instant_of_a_resave(tmp_path, monkeypatch):
+    """Saving a step that exists already (a rerun after the end): at each rename and removal, `latest` must name
+    a checkpoint that exists and verifies."""
+    import os
+    import shutil
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        fake_checkpoint(tmp_path, step)
+    (root / "latest").write_text("step-4\n")
+    new = root / ".tmp-step-4"
+    new.mkdir()
+    (new / "trainer_state.json").write_text(json.dumps({"step": 4}))
+    checkpoint.write_manifest(new)
+    seen = []
+
+    def check(*_):
+        name = _latest(root)
+        seen.append(name)
+        assert name is None or checkpoint.verify(root / name) is None, name
+
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+    monkeypatch.setattr(os, "replace", lambda a, b: (check(), real_replace(a, b), check()))
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **k: (check(), real_rmtree(p, **k), check()))
+    checkpoint.publish(root, new, root / "step-4")
+    assert _latest(root) == "step-4" and checkpoint.verify(root / "step-4") is None
+    assert json.loads((root / "step-4" / "trainer_state.json").read_text()) == {"step": 4}  # the new one
+    assert "step-2" in seen  # latest stepped back to the other complete checkpoint while step-4 was replaced
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-2", "step-4"]
+
+
+def test_latest_follows_the_checkpoint_a_run_resumes_from(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, step)
+    (root / "latest").write_text("step-2\n")  # a kill between a save's rename and its latest update
+    checkpoint.point_latest_at(root / "step-6")
+    assert _latest(root) == "step-6"
+    # --resume step-2: the newer complete checkpoints are kept aside, never resumed or named by latest again
+    moved = checkpoint.set_aside_newer(root / "step-2", log=lambda m: None)
+    assert [p.name.rsplit("-", 2)[0] for p in moved] == ["superseded-step-6", "superseded-step-4"]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-2"]
+    assert checkpoint.find_resumable(tmp_path, log=lambda m: None) == root / "step-2"

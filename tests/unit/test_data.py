@@ -1,6 +1,7 @@
 """Formats, packing, splits, bad input, the cache. (Chat rendering and label masks: test_tokenize.py.)"""
 
 import json
+import os
 
 import pytest
 import torch
@@ -164,3 +165,41 @@ def test_packed_batch_equals_samples_one_by_one(tmp_path, tokenizer):
         leaky = dict(packed, position_ids=torch.arange(2048).expand_as(packed["input_ids"]))
         leak_loss, _ = token_loss_sum(model, leaky)
     assert abs(float(leak_loss / n - total_alone)) > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------- faults (issue 16)
+def test_an_empty_train_split_is_one_line_and_caches_nothing(tmp_path, tokenizer):
+    long = " ".join(["word"] * 100)
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long, "completion": "ok"} for _ in range(10)])
+    cfg = DataArgs(path=str(path), max_seq_len=16, val_fraction=0.2)
+    with pytest.raises(UserError) as err:
+        prepare_data(cfg, tokenizer, cache_root=tmp_path / "cache", log=lambda m: None)
+    assert str(err.value).startswith(
+        f"data: all 8 training samples of {path} lost every target token (8 truncated at data.max_seq_len=16, "
+    )
+    assert str(err.value).endswith("raise data.max_seq_len or shorten the prompts")
+    cached = tmp_path / "cache" / "data"
+    # nothing prepared is cached (only the failure note other ranks wait on): the next run says the same
+    assert not cached.exists() or all(p.suffix == ".failed" for p in cached.iterdir())
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: (d / "rows.txt").write_text("x"), r"rows\.txt: cannot read '\.txt' files; give one of \.json, "),
+        (lambda d: os.mkfifo(d / "rows.jsonl"), r"rows\.jsonl: is a FIFO, not a regular file \(never read\)"),
+    ],
+)
+def test_data_files_we_do_not_read_are_named(tmp_path, make, message):
+    from trainer.data import data_files
+
+    make(tmp_path)
+    with pytest.raises(UserError, match=message):
+        data_files(str(next(tmp_path.iterdir())))
+
+
+def test_data_not_utf8_is_named_with_its_offset(tmp_path, tokenizer):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xe9", "completion": "b"}\n')
+    with pytest.raises(UserError, match=r"rows\.jsonl: not UTF-8 text \(byte 0xe9 at byte offset 47, line 2\)"):
+        prepare_data(DataArgs(path=str(path)), tokenizer, cache_root=tmp_path / "cache", log=lambda m: None)

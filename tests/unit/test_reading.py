@@ -205,9 +205,9 @@ def test_text_that_is_not_utf8_names_the_byte(tmp_path, tokenizer, name):
         prep(tmp_path, tokenizer, f)
     offset = len(good) + bad[len(good) :].index(b"\xe9")
     where = " of the decompressed text" if name.endswith(".gz") else ""
-    assert (
-        str(err.value)
-        == f"{f}: not UTF-8 text at byte {offset}{where} (line {3 if name.endswith('.csv') else 2}); save the file as UTF-8"
+    line = 3 if name.endswith(".csv") else 2
+    assert str(err.value) == (
+        f"{f}: not UTF-8 text (byte 0xe9 at byte offset {offset}{where}, line {line}); save it as UTF-8"
     )
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from trainer.data.tokenize import IGNORE
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `import trainer.data` stays light (recipe checks)
+    import torch
 
 
 def collate(rows: list[dict], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest (or `pad_to`). Padding is its own position block with labels -100."""
+    import torch
+
     width = pad_to or max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)

@@ -484,8 +484,6 @@ def _split_and_mix(cfg: DataArgs, specs, read, meta: dict, fingerprint) -> tuple
             }
             if name == "train":
                 drawn = mix_draw(keep, spec, [cfg.split_seed, d, 1])
-                if len(drawn) == 0 and len(keep) == 0 and len(mine):
-                    pass  # reported below when no dataset has training samples
                 counts["drawn"] = len(drawn)
                 keep = drawn
             info[name] = counts
@@ -495,10 +493,16 @@ def _split_and_mix(cfg: DataArgs, specs, read, meta: dict, fingerprint) -> tuple
             totals[name]["samples"] += len(keep)
         per.append(info)
     picked = {k: np.concatenate(v).astype(np.int64) if v else np.zeros(0, np.int64) for k, v in picked.items()}
-    if len(picked["train"]) == 0:
+    if len(picked["train"]) == 0:  # nothing to train on: say why (nothing is cached)
+        t = totals["train"]
+        lost = t["dropped_no_target"]
+        longest = int(np.max(meta["length"], initial=0))
         raise UserError(
-            "data: no training sample has a token to learn from (every prompt fills max_seq_len, or every row went "
-            f"to val/test); raise data.max_seq_len (now {cfg.max_seq_len}) or check the data"
+            f"data: all {lost} training samples of {', '.join(s.path for s in specs)} lost every target token "
+            f"({t['truncated']} truncated at data.max_seq_len={cfg.max_seq_len}, longest {longest} tokens after "
+            "truncation); raise data.max_seq_len or shorten the prompts"
+            if lost
+            else "data: no row is left to train on after the val/test split; lower data.val_fraction/test_fraction"
         )
     formats = sorted({p["format"] for p in per})
     stats = {

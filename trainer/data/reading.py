@@ -95,13 +95,34 @@ def data_files(path: str, log=None) -> list[Path]:
         if skipped and log is not None:
             log(f"data: {p}: skipping {', '.join(f.name for f in skipped)} (not a data file: we read {READABLE})")
         if not files:
-            raise UserError(f"{p}: folder holds no data file; we read {READABLE}")
+            held = ", ".join(f.name for f in skipped[:3]) + (" ..." if len(skipped) > 3 else "") or "nothing"
+            raise UserError(f"{p}: folder holds no data file (it holds {held}); we read {READABLE}")
         return files
     if p.is_file():
         if kind_of(p) is None:
             raise UserError(f"{p}: cannot read '{p.suffix or p.name}' files; give one of {READABLE}, a folder of them")
         return [p]
+    if p.exists():  # a FIFO, a device: reading it would block or never end
+        from trainer.files import regular_file_problem
+
+        raise UserError(f"{p}: {regular_file_problem(p)}")
     return []
+
+
+def source_files(cfg) -> list[Path]:
+    """The local files of every dataset of a recipe's data section, checked before anything heavy loads: they
+    exist, are regular files of a type we read, and are not empty. [] when every dataset is a hub id."""
+    paths = [cfg.path] if cfg.path else [d.get("path", "") for d in (cfg.datasets or []) if isinstance(d, dict)]
+    out = []
+    for path in paths:
+        files = data_files(path)
+        if not files and not is_hub_id(path):
+            raise UserError(f"data.path: {path} not found; give a local file/folder or a hub dataset id")
+        for f in files:
+            if f.stat().st_size == 0:
+                raise UserError(f"{f}: file is empty; give a file with at least one row")
+        out += files
+    return out
 
 
 def is_hub_id(path: str) -> bool:
@@ -281,8 +302,13 @@ def _read_utf8(f: Path) -> str:
 
 def _not_utf8(f: Path, offset: int, data: bytes) -> str:
     line = data.count(b"\n", 0, offset) + 1
+    return _utf8_message(f, data[offset], offset, line)
+
+
+def _utf8_message(f: Path, byte: int, offset: int, line: int) -> str:
+    """The one wording of a file that is not UTF-8 (as `trainer.files.utf8_problem`), with the line."""
     where = " of the decompressed text" if compression_of(f) else ""
-    return f"{f}: not UTF-8 text at byte {offset}{where} (line {line}); save the file as UTF-8"
+    return f"{f}: not UTF-8 text (byte 0x{byte:02x} at byte offset {offset}{where}, line {line}); save it as UTF-8"
 
 
 def _root(err: BaseException) -> BaseException:
@@ -333,8 +359,7 @@ def _first_bad_utf8(f: Path) -> str | None:
                 pos = done - held + err.start
                 before = err.object[: err.start]
                 line = newlines + before.count(b"\n") - (err.object[:held].count(b"\n") if held else 0) + 1
-                where = " of the decompressed text" if compression_of(f) else ""
-                return f"{f}: not UTF-8 text at byte {pos}{where} (line {line}); save the file as UTF-8"
+                return _utf8_message(f, err.object[err.start], pos, line)
             if not chunk:
                 return None
             done += len(chunk)
