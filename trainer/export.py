@@ -178,9 +178,7 @@ def _model_params(model_dir: Path) -> _ModelParams:
         rope_theta = 10000.0
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in ("default", "linear", "llama3"):
-        raise UserError(
-            f"GGUF export: {config_path} uses rope type {rope_type!r}; supported: default, linear, llama3."
-        )
+        raise UserError(f"GGUF export: {config_path} uses rope type {rope_type!r}; supported: default, linear, llama3.")
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
@@ -477,7 +475,9 @@ def _read_vocab(model_dir: Path, vocab_size: int) -> _Vocab:
             token_types.append(gguf.TokenType.UNUSED)
         elif token_id in added:
             tokens.append(id_to_token[token_id])
-            token_types.append(gguf.TokenType.CONTROL if added[token_id].get("special") else gguf.TokenType.USER_DEFINED)
+            token_types.append(
+                gguf.TokenType.CONTROL if added[token_id].get("special") else gguf.TokenType.USER_DEFINED
+            )
         else:
             tokens.append(id_to_token[token_id])
             token_types.append(gguf.TokenType.NORMAL)

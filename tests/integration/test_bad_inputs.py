@@ -403,7 +403,9 @@ def _(c: Ctx):
     with (c.tmp / "data.jsonl").open("ab") as fh:
         fh.write(b'{"instruction": "caf\xe9", "input": "", "output": "x"}\n')
     size = (c.tmp / "data.jsonl").stat().st_size
-    return Case(train(r), rf"data\.jsonl: not UTF-8 text \(byte 0xe9 at byte offset {size - 32}, line 25\); save it as UTF-8")
+    return Case(
+        train(r), rf"data\.jsonl: not UTF-8 text \(byte 0xe9 at byte offset {size - 32}, line 25\); save it as UTF-8"
+    )
 
 
 @case("data JSON line malformed", "data", slow=True)
