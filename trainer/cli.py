@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge RUN_DIR's adapter into the unquantized base -> RUN_DIR/merged/")
     m.add_argument("run_dir")
+    m.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="storage dtype of the merged weights (auto: the base checkpoint's own; the check runs in fp32)")
 
     e = sub.add_parser("eval", help="base vs tuned on the run's test split -> RUN_DIR/eval/, RUN_DIR/plots/")
     e.add_argument("run_dir")
@@ -38,10 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-p", type=float, default=0.9)
     c.add_argument("--max-new-tokens", type=int, default=256)
 
-    x = sub.add_parser("export", help="write RUN_DIR/merged as a GGUF file for llama.cpp-style runtimes")
+    from trainer.export.run import OUTTYPES
+
+    x = sub.add_parser("export", help="RUN_DIR's merged model as a GGUF (+ Ollama Modelfile) for llama.cpp/Ollama")
     x.add_argument("run_dir")
-    x.add_argument("--gguf", choices=["f16", "q8_0"], default="f16")
+    x.add_argument("--gguf", choices=OUTTYPES, default="f16",
+                   help="f16/bf16/f32/q8_0 written directly; K-quants (q4_k_m, ...) by llama.cpp (pip install 'trainer[gguf]')")
     x.add_argument("--out", help="output file (default RUN_DIR/export/model-TYPE.gguf)")
+    x.add_argument("--check", action="store_true",
+                   help="also write the f16/q8_0 hops, run each in llama.cpp against the merged model on the test "
+                        "split -> RUN_DIR/export/report.{json,md}; exit 1 if a check fails")
 
     s = sub.add_parser("estimate", help="per-GPU memory plan for a recipe")
     s.add_argument("recipe")
@@ -56,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--fresh", action="store_true", help="retrain even if the run is complete")
+    d.add_argument("--export", choices=OUTTYPES, metavar="TYPE",
+                   help="end with `trainer export RUN_DIR --gguf TYPE --check` (e.g. q4_k_m) and its hop table")
     return p
 
 
@@ -70,7 +80,7 @@ def cmd_train(args) -> int:
 
 def cmd_merge(args) -> int:
     from trainer.merge import merge_run
-    merge_run(args.run_dir)
+    merge_run(args.run_dir, dtype=args.dtype)
     return 0
 
 
@@ -107,18 +117,11 @@ def cmd_chat(args) -> int:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from trainer.export import export_gguf
-    from trainer.merge import merge_run
+    from trainer.export import export_run
 
-    run_dir = Path(args.run_dir)
-    merged = run_dir / "model" if (run_dir / "model" / "config.json").is_file() else run_dir / "merged"
-    if not (merged / "config.json").is_file():
-        merge_run(run_dir)
-    out = Path(args.out) if args.out else run_dir / "export" / f"model-{args.gguf}.gguf"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    facts = export_gguf(merged, out, args.gguf)
-    print(f"export: {facts['path']} ({facts['bytes'] / 2**20:.1f} MiB, {facts['tensor_count']} tensors, {args.gguf})")
-    return 0
+    result = export_run(Path(args.run_dir), args.gguf, out=Path(args.out) if args.out else None, check=args.check)
+    report = result["report"]
+    return 1 if report is not None and report["failures"] else 0
 
 
 def cmd_estimate(args) -> int:
@@ -136,8 +139,9 @@ def cmd_estimate(args) -> int:
 
 def cmd_demo(args) -> int:
     from trainer.demo import run_demo
-    run_demo(output_dir=args.output_dir, seed=args.seed, fresh=args.fresh)
-    return 0
+    report = run_demo(output_dir=args.output_dir, seed=args.seed, fresh=args.fresh, export=args.export)
+    exported = report.get("export")
+    return 1 if exported is not None and exported["failures"] else 0
 
 
 COMMANDS = {"train": cmd_train, "merge": cmd_merge, "eval": cmd_eval, "chat": cmd_chat, "export": cmd_export,

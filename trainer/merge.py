@@ -68,28 +68,55 @@ def logits_of(model, inputs: dict) -> torch.Tensor:
     return out[inputs["attention_mask"].bool()]
 
 
-def load_tuned(recipe: Recipe, adapter: Path, *, quantized: bool = False, device_map=None):
-    """Base (unquantized in the compute dtype unless `quantized`) + adapter, eval mode."""
+def load_tuned(recipe: Recipe, adapter: Path, *, quantized: bool = False, device_map=None, dtype=None):
+    """Base (unquantized in the compute dtype, or `dtype`, unless `quantized`) + adapter, eval mode."""
     from peft import PeftModel
 
-    base = load_base(recipe.model, dtype=DTYPES[recipe.model.dtype], quantize=quantized, device_map=device_map)
+    dtype = dtype if dtype is not None else DTYPES[recipe.model.dtype]
+    base = load_base(recipe.model, dtype=dtype, quantize=quantized, device_map=device_map)
     return PeftModel.from_pretrained(base, str(adapter)).eval()
 
 
-def merge_run(run_dir: Path, log=print) -> dict:
+SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+_CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def base_storage_dtype(name_or_path: str) -> str:
+    """The base checkpoint's own storage dtype ("fp32", "bf16", "fp16") from its config's `dtype` (or the older
+    `torch_dtype`); "fp32" when the config names none."""
+    from transformers import AutoConfig
+
+    from trainer.model import source_args
+
+    path, extra = source_args(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, **extra)
+    except (OSError, ValueError):
+        return "fp32"
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return _CONFIG_DTYPES.get(str(value).replace("torch.", ""), "fp32")
+
+
+def merge_run(run_dir: Path, log=print, dtype: str = "auto") -> dict:
+    """Merge RUN_DIR's adapter into the base in float32, check the logits in float32, save in `dtype`
+    ("auto": the base checkpoint's storage dtype, see `base_storage_dtype`; or fp32/bf16/fp16)."""
     run_dir = Path(run_dir)
     recipe = run_recipe(run_dir)
     if recipe.lora is None:
         raise UserError(f"{run_dir}: a full fine-tune has nothing to merge; its model is in {run_dir / 'model'}")
+    if dtype not in SAVE_DTYPES:
+        raise UserError(f"merge --dtype {dtype!r}: use one of {', '.join(SAVE_DTYPES)}")
+    save_dtype = base_storage_dtype(recipe.model.name_or_path) if dtype == "auto" else dtype
     adapter = adapter_dir(run_dir)
     tokenizer = run_tokenizer(run_dir, recipe)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tuned = load_tuned(recipe, adapter, device_map={"": device})
+    tuned = load_tuned(recipe, adapter, device_map={"": device}, dtype=torch.float32)
     inputs = check_inputs(tokenizer, device)
     with_adapter = logits_of(tuned, inputs)
     merged = tuned.merge_and_unload()
     merged_logits = logits_of(merged, inputs)
-    report = {"adapter": str(adapter), "dtype": recipe.model.dtype, "check_prompts": len(CHECK_PROMPTS),
+    report = {"adapter": str(adapter), "dtype": recipe.model.dtype, "check_dtype": "fp32", "saved_dtype": save_dtype,
+              "check_prompts": len(CHECK_PROMPTS),
               "max_abs_diff_merged_vs_adapter": float((merged_logits - with_adapter).abs().max())}
     log(f"merge: max |logits(merged) - logits(base + adapter)| = {report['max_abs_diff_merged_vs_adapter']:.3g}")
     if recipe.model.quantization == "nf4":
@@ -100,6 +127,13 @@ def merge_run(run_dir: Path, log=print) -> dict:
         log(f"merge: max |logits(merged) - logits(4-bit base + adapter)| = {float(diff.max()):.3g} "
             "(the NF4 quantization error: the adapter was trained against the 4-bit weights)")
         del q
+    if save_dtype != "fp32":  # storage rounding, measured in fp32 on the rounded weights
+        merged = merged.to(DTYPES[save_dtype])
+        rounded = logits_of(merged.float(), inputs)
+        report["max_abs_diff_saved_dtype_vs_fp32"] = float((rounded - merged_logits).abs().max())
+        merged = merged.to(DTYPES[save_dtype])
+        log(f"merge: saved in {save_dtype}: max |logits({save_dtype} weights) - logits(fp32)| = "
+            f"{report['max_abs_diff_saved_dtype_vs_fp32']:.3g}")
     out = run_dir / "merged"
     merged.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

@@ -1,0 +1,164 @@
+"""`trainer export RUN_DIR --gguf TYPE [--out FILE] [--check]`: the run's merged model as a GGUF + Modelfile.
+
+    RUN_DIR/merged/ (merged first if missing; RUN_DIR/model/ for a full fine-tune)
+      -> RUN_DIR/export/model-TYPE.gguf   (f16/bf16/f32/q8_0 written by us; K-quants by llama.cpp)
+      -> RUN_DIR/export/Modelfile         (Ollama: FROM, TEMPLATE, PARAMETER stop ..., generation settings)
+    --check: also model-f16.gguf and model-q8_0.gguf (the hops before TYPE), then
+      -> RUN_DIR/export/report.json, report.md (see trainer.export.check)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from trainer.errors import UserError
+from trainer.export.quantize import LLAMA_CPP_FTYPES, QUANTIZED_OUTTYPES, export_quantized
+from trainer.export.writer import WRITTEN_OUTTYPES, export_gguf
+
+OUTTYPES = WRITTEN_OUTTYPES + QUANTIZED_OUTTYPES
+
+
+def write_gguf(model_dir: Path, out_path: Path, outtype: str) -> dict:
+    """Any supported `outtype`: written by `export_gguf`, or by llama.cpp's quantizer for the rest.
+    Adds `"type"` and `"seconds"` to the facts."""
+    outtype = str(outtype).lower()
+    started = time.perf_counter()
+    if outtype in WRITTEN_OUTTYPES:
+        facts = export_gguf(model_dir, out_path, outtype)
+    elif outtype in LLAMA_CPP_FTYPES:
+        facts = export_quantized(model_dir, out_path, outtype)
+    else:
+        raise UserError(f"GGUF export: type {outtype!r} is not supported; use one of: {', '.join(OUTTYPES)}.")
+    return {**facts, "type": outtype, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def hop_types(outtype: str) -> list[str]:
+    """The GGUF hops `--check` measures for `outtype`: f16, then q8_0 for any quantized type, then `outtype`."""
+    chain = ["f16"]
+    if outtype not in ("f16", "bf16", "f32"):
+        chain.append("q8_0")
+    if outtype not in chain:
+        chain.append(outtype)
+    return chain
+
+
+def model_folder(run_dir: Path, log=print) -> Path:
+    """RUN_DIR/model (full fine-tune) or RUN_DIR/merged, merging the adapter first when it is missing."""
+    if (run_dir / "model" / "config.json").is_file():
+        return run_dir / "model"
+    merged = run_dir / "merged"
+    if not (merged / "config.json").is_file():
+        from trainer.merge import merge_run
+
+        merge_run(run_dir, log=log)
+    return merged
+
+
+def export_run(run_dir: Path, outtype: str = "f16", *, out: Path | None = None, check: bool = False, log=print) -> dict:
+    """Export the run's model as `outtype` (+ Modelfile); with `check`, every hop checked (report files).
+
+    Returns `{"gguf": facts, "modelfile": {...}, "report": report-or-None}`; `report["failures"]` lists the
+    failed checks (empty when the export passed).
+    """
+    from transformers import AutoTokenizer
+
+    from trainer.data import ensure_chat_template
+    from trainer.export.modelfile import write_modelfile
+    from trainer.merge import run_recipe
+
+    run_dir = Path(run_dir)
+    outtype = str(outtype).lower()
+    if outtype not in OUTTYPES:
+        raise UserError(f"GGUF export: type {outtype!r} is not supported; use one of: {', '.join(OUTTYPES)}.")
+    recipe = run_recipe(run_dir)
+    model_dir = model_folder(run_dir, log=log)
+    out = Path(out) if out else run_dir / "export" / f"model-{outtype}.gguf"
+    export_dir = out.parent
+
+    files: dict[str, dict] = {}
+    for hop in hop_types(outtype) if check else [outtype]:
+        path = out if hop == outtype else export_dir / f"model-{hop}.gguf"
+        facts = write_gguf(model_dir, path, hop)
+        files[hop] = facts
+        log(f"export: {path} ({facts['bytes'] / 2**20:.1f} MiB, {hop}, {facts['seconds']} s)")
+        for fb in facts.get("fallback", []):
+            log(f"export: {hop}: {fb['tensor']} has {fb['columns']} columns (not a multiple of 256): {fb['type']}")
+    main = files[outtype]
+    if main.get("not_stopping_llama_cpp"):
+        log(f"export: warning: llama.cpp ends generation only on eos/eot/eom and tokens it knows by text; "
+            f"{main['not_stopping_llama_cpp']} may not stop it (the Modelfile stops on them)")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ensure_chat_template(tokenizer)
+    import gguf
+
+    fields = gguf.GGUFReader(out).fields
+    add_bos = bool(fields["tokenizer.ggml.add_bos_token"].contents()) if "tokenizer.ggml.add_bos_token" in fields else False
+    modelfile = write_modelfile(out, tokenizer, add_bos, main["stop_tokens"], recipe.generation)
+    if modelfile["family"] is None:
+        log(f"export: warning: {modelfile['path']} has no TEMPLATE: the run's chat template is none of ChatML, "
+            "Llama 2, Llama 3, Mistral; Ollama will guess one from the GGUF's embedded template")
+    log(f"export: {modelfile['path']} (template: {modelfile['family'] or 'none'}, stop: {main['stop_tokens']})")
+
+    report = None
+    if check:
+        report = check_run(run_dir, recipe, model_dir, tokenizer, files, export_dir, log=log)
+    return {"gguf": main, "files": files, "modelfile": modelfile, "report": report}
+
+
+def check_run(run_dir: Path, recipe, model_dir: Path, tokenizer, files: dict, export_dir: Path, log=print) -> dict:
+    """Score every hop (see trainer.export.check), write report.json/report.md, return the report."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.export import check
+
+    evalset = check.load_eval_set(run_dir, recipe, tokenizer)
+    check.require_references(evalset)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hops = []
+    if recipe.lora is not None:
+        from trainer.merge import adapter_dir, load_tuned
+
+        adapter = adapter_dir(run_dir)
+        tuned = load_tuned(recipe, adapter, quantized=recipe.model.quantization is not None, device_map={"": device})
+        hops.append(check.hf_hop("adapter", tuned, tokenizer, evalset, recipe.generation, adapter,
+                                 check.folder_bytes(adapter), log=log))
+        del tuned
+        gc.collect()
+    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    hops.append(check.hf_hop("merged" if recipe.lora is not None else "model", merged, tokenizer, evalset,
+                             recipe.generation, model_dir, check.folder_bytes(model_dir), log=log))
+    gguf_hops = check.gguf_hops([(t, Path(f["path"])) for t, f in files.items()], merged, tokenizer, evalset,
+                                recipe.generation, log=log)
+    for hop in gguf_hops:
+        facts = files[hop["hop"]]
+        hop["type"] = hop["hop"]
+        for key in ("tensor_types", "fallback", "source", "seconds"):
+            if key in facts:
+                hop[key] = facts[key]
+    hops += gguf_hops
+    del merged
+    gc.collect()
+    main = files[list(files)[-1]]
+    report = {
+        "run_dir": str(run_dir),
+        "split": evalset.split,
+        "conversations": len(evalset.input_ids),
+        "max_new_tokens": recipe.generation.max_new_tokens,
+        "threads": __import__("os").cpu_count() or 1,
+        "stop_token_ids": main["stop_token_ids"],
+        "stop_tokens": main["stop_tokens"],
+        "eot_token_id": main["eot_token_id"],
+        "eos_token_id": main["eos_token_id"],
+        "hops": hops,
+    }
+    report["failures"] = check.failures(report)
+    json_path, md_path = check.write_report(report, export_dir)
+    log(f"check: wrote {json_path} and {md_path}")
+    for line in report["failures"]:
+        log(f"check: FAIL {line}")
+    return report
