@@ -44,12 +44,69 @@ LLAMA2_CHAT = (
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
 REPLY = "ok"
-WORDS = (
-    "the a model token train loss step batch learn rate data set fine tune adapter rank alpha merge export "
-    "file weight layer head attention norm value key query cat dog fox jumps over lazy quick brown hello "
-    "world what is you are say assistant user system date month year answer question name color red blue "
-    "ok okay yes no café naïve"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "token",
+    "train",
+    "loss",
+    "step",
+    "batch",
+    "learn",
+    "rate",
+    "data",
+    "set",
+    "fine",
+    "tune",
+    "adapter",
+    "rank",
+    "alpha",
+    "merge",
+    "export",
+    "file",
+    "weight",
+    "layer",
+    "head",
+    "attention",
+    "norm",
+    "value",
+    "key",
+    "query",
+    "cat",
+    "dog",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "quick",
+    "brown",
+    "hello",
+    "world",
+    "what",
+    "is",
+    "you",
+    "are",
+    "say",
+    "assistant",
+    "user",
+    "system",
+    "date",
+    "month",
+    "year",
+    "answer",
+    "question",
+    "name",
+    "color",
+    "red",
+    "blue",
+    "ok",
+    "okay",
+    "yes",
+    "no",
+    "café",
+    "naïve",
+]
 # Texts whose tokenization llama.cpp must reproduce exactly (spaces, digits, unicode, specials, newlines).
 TRICKY_TEXTS = [
     "hello world",
@@ -83,8 +140,13 @@ def corpus(n_lines: int = 600, seed: int = 0) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers
-def byte_level_tokenizer(out_dir: Path, split: str = "llama-bpe", vocab_size: int = 700, eos: str = "<|endoftext|>",
-                         pad: str | None = "<|endoftext|>"):
+def byte_level_tokenizer(
+    out_dir: Path,
+    split: str = "llama-bpe",
+    vocab_size: int = 700,
+    eos: str = "<|endoftext|>",
+    pad: str | None = "<|endoftext|>",
+):
     """A ChatML byte-level BPE whose splitting llama.cpp calls `split` ("gpt-2", "smollm", "llama-bpe", "qwen2")."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -111,7 +173,9 @@ def byte_level_tokenizer(out_dir: Path, split: str = "llama-bpe", vocab_size: in
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer)
@@ -142,8 +206,15 @@ def sentencepiece_tokenizer(out_dir: Path, vocab_size: int = 700):
         vocab.setdefault(piece, len(vocab))
     spec["model"]["vocab"] = vocab
     spec["added_tokens"] = [
-        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-         "special": True}
+        {
+            "id": i,
+            "content": s,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
         for i, s in enumerate(specials)
     ]
     spec["pre_tokenizer"] = None
@@ -151,8 +222,9 @@ def sentencepiece_tokenizer(out_dir: Path, vocab_size: int = 700):
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.chat_template = LLAMA2_CHAT
     fast.save_pretrained(out_dir)
@@ -167,7 +239,7 @@ def plant_reply(model, tokenizer, reply: str, end_id: int, strength: float = 8.0
     full = tokenizer.apply_chat_template(PROMPTS[0] + [{"role": "assistant", "content": reply}], tokenize=False)
     prompt = tokenizer.apply_chat_template(PROMPTS[0], tokenize=False, add_generation_prompt=True)
     last = tokenizer(prompt, add_special_tokens=False)["input_ids"][-1]
-    reply_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
     # the reply piece may start with a bare "▁" (Llama 2's template writes " " + reply): take the reply's token
     reply_id = next(i for i in reply_ids if tokenizer.decode([i]).strip() == reply)
     emb = model.get_input_embeddings().weight
@@ -179,8 +251,15 @@ def plant_reply(model, tokenizer, reply: str, end_id: int, strength: float = 8.0
     return last, reply_id
 
 
-def build_model(out_dir: Path, kind: str, hidden: int = 256, intermediate: int = 512, layers: int = 2,
-                tied: bool = False, seed: int = 0) -> Path:
+def build_model(
+    out_dir: Path,
+    kind: str,
+    hidden: int = 256,
+    intermediate: int = 512,
+    layers: int = 2,
+    tied: bool = False,
+    seed: int = 0,
+) -> Path:
     """Save a tiny model of `kind` ("bpe", "spm", "qwen2") + its tokenizer + generation_config in `out_dir`."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -214,7 +293,7 @@ def build_model(out_dir: Path, kind: str, hidden: int = 256, intermediate: int =
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        initializer_range=hidden ** -0.5,
+        initializer_range=hidden**-0.5,
         **({"use_sliding_window": False} if kind == "qwen2" else {}),
     )
     torch.manual_seed(seed)
@@ -231,13 +310,18 @@ def build_model(out_dir: Path, kind: str, hidden: int = 256, intermediate: int =
     if not tied:
         plant_reply(model, tokenizer, REPLY, eot)
     model.save_pretrained(out_dir)
-    generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop if len(stop) > 1 else stop[0],
-                                  pad_token_id=tokenizer.pad_token_id)
+    generation = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stop if len(stop) > 1 else stop[0],
+        pad_token_id=tokenizer.pad_token_id,
+    )
     generation.save_pretrained(out_dir)
     return out_dir
 
 
-def hf_greedy(model, tokenizer, messages: list[dict], max_new_tokens: int, stop_ids: list[int]) -> tuple[list[int], bool]:
+def hf_greedy(
+    model, tokenizer, messages: list[dict], max_new_tokens: int, stop_ids: list[int]
+) -> tuple[list[int], bool]:
     """Greedy token ids after the rendered prompt, one sequence, no padding; (ids, stopped on a stop id)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

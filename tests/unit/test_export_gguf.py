@@ -52,7 +52,12 @@ def test_sentencepiece_tokenizer_is_written_as_llama_spm(models, tmp_path):
     assert f["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.pre" not in f
     assert "tokenizer.ggml.merges" not in f
     tokens, types, scores = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"], f["tokenizer.ggml.scores"]
-    assert len(tokens) == len(types) == len(scores) == json.loads((models["spm"] / "config.json").read_text())["vocab_size"]
+    assert (
+        len(tokens)
+        == len(types)
+        == len(scores)
+        == json.loads((models["spm"] / "config.json").read_text())["vocab_size"]
+    )
     assert tokens[:3] == ["<unk>", "<s>", "</s>"]
     assert types[:3] == [T.UNKNOWN, T.CONTROL, T.CONTROL]
     assert tokens[3:259] == [f"<0x{b:02X}>" for b in range(256)]
@@ -89,7 +94,9 @@ def test_byte_level_bpe_carries_end_of_turn_and_eos_as_different_ids(models, tmp
     assert f["tokenizer.ggml.padding_token_id"] == eot_text
     assert "tokenizer.ggml.bos_token_id" not in f and f["tokenizer.ggml.add_bos_token"] is False
     assert "tokenizer.ggml.eom_token_id" not in f
-    assert len(f["tokenizer.ggml.merges"]) == len(json.loads((models["bpe"] / "tokenizer.json").read_text())["model"]["merges"])
+    assert len(f["tokenizer.ggml.merges"]) == len(
+        json.loads((models["bpe"] / "tokenizer.json").read_text())["model"]["merges"]
+    )
     assert f["tokenizer.ggml.token_type"][im_end] == T.CONTROL
     assert f["tokenizer.chat_template"] == CHATML
     assert facts["stop_token_ids"] == [im_end, eot_text]
@@ -165,7 +172,9 @@ def test_bf16_keeps_bf16_weights_bit_exact(models, tmp_path):
     t = {x.name: x for x in reader.tensors}["blk.0.ffn_down.weight"]
     assert t.tensor_type == gguf.GGMLQuantizationType.BF16
     want = load_file(models["qwen2"] / "model.safetensors")["model.layers.0.mlp.down_proj.weight"].bfloat16()
-    assert np.array_equal(np.asarray(t.data).view(np.uint16).reshape(-1), want.view(torch.int16).numpy().view(np.uint16).reshape(-1))
+    assert np.array_equal(
+        np.asarray(t.data).view(np.uint16).reshape(-1), want.view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    )
 
 
 @pytest.mark.parametrize("split", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
@@ -238,12 +247,21 @@ def test_modelfile_for_llama2_leaves_the_first_bos_to_the_runtime(models, tmp_pa
         '{{ $first = false }}{{- else if eq .Role "assistant" }} {{ .Content }} </s>{{ end }}{{ end }}'
     )
     text = modelfile_text("m.gguf", family, ["</s>"], 0.2, 1.0, 64)
-    assert text.splitlines()[-4:] == ['PARAMETER stop "</s>"', "PARAMETER temperature 0.2", "PARAMETER top_p 1",
-                                      "PARAMETER num_predict 64"]
+    assert text.splitlines()[-4:] == [
+        'PARAMETER stop "</s>"',
+        "PARAMETER temperature 0.2",
+        "PARAMETER top_p 1",
+        "PARAMETER num_predict 64",
+    ]
     # a longer conversation than the probes: the Go template's rendering, after the runtime's BOS, is the run's
-    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
-             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
-             {"role": "assistant", "content": "d"}, {"role": "user", "content": "e"}]
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+        {"role": "user", "content": "e"},
+    ]
     assert "<s>" + family.render(convo) == tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
 
 
@@ -255,8 +273,9 @@ def test_modelfile_chatml_with_a_default_system_prompt(tmp_path):
     family = match_family(tok, bos_added=False)
     assert family.name == "chatml+default-system"
     assert "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>" in family.template
-    for convo in PROBES + [[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
-                            {"role": "user", "content": "z"}]]:
+    for convo in PROBES + [
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}]
+    ]:
         assert family.render(convo) == tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
 
 
@@ -273,8 +292,12 @@ def test_unknown_template_gets_no_template_and_says_so(tmp_path):
 
 def test_llama3_and_mistral_templates_are_recognised(tmp_path):
     tok = byte_level_tokenizer(tmp_path, split="llama-bpe", vocab_size=300)
-    tok.add_special_tokens({"bos_token": "<|begin_of_text|>",
-                            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.add_special_tokens(
+        {
+            "bos_token": "<|begin_of_text|>",
+            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        }
+    )
     tok.chat_template = (
         "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
         "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"

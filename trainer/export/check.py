@@ -189,7 +189,9 @@ def embedded_formatter(llm):
     )
 
 
-def gguf_hops(hops: list[tuple[str, Path]], reference, tokenizer, evalset: EvalSet, generation, log=print) -> list[dict]:
+def gguf_hops(
+    hops: list[tuple[str, Path]], reference, tokenizer, evalset: EvalSet, generation, log=print
+) -> list[dict]:
     """Score and compare each GGUF `(name, path)` against the float32 HF `reference` model.
 
     One pass over the test conversations computes the reference logits once and compares every GGUF with
@@ -305,16 +307,22 @@ def failures(report: dict) -> list[str]:
             continue
         name = hop["hop"]
         if vs["texts_tokenized_equal"] != vs["texts"]:
-            out.append(f"{name}: llama.cpp tokenizes {vs['texts'] - vs['texts_tokenized_equal']}/{vs['texts']} texts differently")
+            out.append(
+                f"{name}: llama.cpp tokenizes {vs['texts'] - vs['texts_tokenized_equal']}/{vs['texts']} texts differently"
+            )
         if vs["prompts_rendered_equal"] != vs["prompts"]:
             out.append(
                 f"{name}: the embedded chat template renders {vs['prompts'] - vs['prompts_rendered_equal']}/"
                 f"{vs['prompts']} prompts differently"
             )
         if hop.get("type") in EXACT_TYPES and vs["top1_agree"] != vs["positions"]:
-            out.append(f"{name}: top-1 token differs from the merged model at {vs['positions'] - vs['top1_agree']}/{vs['positions']} positions")
+            out.append(
+                f"{name}: top-1 token differs from the merged model at {vs['positions'] - vs['top1_agree']}/{vs['positions']} positions"
+            )
         if "stopped" in hop and hop["stopped"] != hop["exact_match_n"]:
-            out.append(f"{name}: {hop['exact_match_n'] - hop['stopped']}/{hop['exact_match_n']} greedy replies ran to max_new_tokens without an end-of-turn token")
+            out.append(
+                f"{name}: {hop['exact_match_n'] - hop['stopped']}/{hop['exact_match_n']} greedy replies ran to max_new_tokens without an end-of-turn token"
+            )
     return out
 
 
@@ -341,8 +349,10 @@ def report_markdown(report: dict) -> str:
     lines = [
         f"# Export check: {report['run_dir']}",
         "",
-        f"Split: {report['split']} ({report['conversations']} conversations); greedy replies, "
-        f"max_new_tokens={report['max_new_tokens']}; llama.cpp on {report['threads']} threads.",
+        (
+            f"Split: {report['split']} ({report['conversations']} conversations); greedy replies, "
+            f"max_new_tokens={report['max_new_tokens']}; llama.cpp on {report['threads']} threads."
+        ),
         "",
         "| hop | file | size (MiB) | exact match | perplexity | stopped | llama.cpp prompt tok/s | llama.cpp gen tok/s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",

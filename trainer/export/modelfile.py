@@ -148,7 +148,7 @@ def candidate_families(tokenizer, bos_added: bool) -> list[ChatFamily]:
         head = "<|im_start|>system\n"
         if text.startswith(head) and "<|im_end|>\n" in text:
             default_system = text[len(head) : text.index("<|im_end|>\n")]
-    except Exception:  # noqa: BLE001 - a template that refuses the probe matches no family
+    except Exception:  # noqa: BLE001, S110 - a template that refuses the probe matches no family
         pass
     families = [chatml(None)]
     if default_system is not None and "{{" not in default_system and '"""' not in default_system:
@@ -164,7 +164,7 @@ def match_family(tokenizer, bos_added: bool) -> ChatFamily | None:
     for probe in PROBES:
         try:
             renders.append((probe, tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)))
-        except Exception:  # noqa: BLE001 - e.g. Mistral's template refuses a system message
+        except Exception:  # noqa: BLE001, S112 - e.g. Mistral's template refuses a system message
             continue
     if not renders:
         return None
@@ -175,7 +175,12 @@ def match_family(tokenizer, bos_added: bool) -> ChatFamily | None:
 
 
 def modelfile_text(
-    gguf_name: str, family: ChatFamily | None, stop_tokens: list[str], temperature: float, top_p: float, num_predict: int
+    gguf_name: str,
+    family: ChatFamily | None,
+    stop_tokens: list[str],
+    temperature: float,
+    top_p: float,
+    num_predict: int,
 ) -> str:
     """The Modelfile's content (see the module docstring)."""
     lines = [f"FROM ./{gguf_name}"]

@@ -41,7 +41,7 @@ _K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 _FALLBACK_LINE = re.compile(
     r"warning:\s+(?P<tensor>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+(?P<block>\d+) "
     r"\(required for type\s+(?P<wanted>\S+)\).*?falling back to\s+(?P<got>\S+)",
-    re.S,
+    re.DOTALL,
 )
 
 
@@ -79,7 +79,9 @@ def quantize_gguf(src: Path, dst: Path, outtype: str, nthread: int = 0) -> dict:
     """
     outtype = outtype.lower()
     if outtype not in LLAMA_CPP_FTYPES:
-        raise UserError(f"GGUF export: {outtype!r} is not a llama.cpp quantization; use one of: {', '.join(LLAMA_CPP_FTYPES)}.")
+        raise UserError(
+            f"GGUF export: {outtype!r} is not a llama.cpp quantization; use one of: {', '.join(LLAMA_CPP_FTYPES)}."
+        )
     llama_cpp = require_llama_cpp(outtype)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_CPP_FTYPES[outtype])
@@ -103,7 +105,9 @@ def quantize_gguf(src: Path, dst: Path, outtype: str, nthread: int = 0) -> dict:
         "path": str(dst),
         "bytes": dst.stat().st_size,
         "outtype": outtype,
-        "ftype": (llama_cpp.llama_ftype_name(params.ftype) or b"").decode() if hasattr(llama_cpp, "llama_ftype_name") else outtype,
+        "ftype": (llama_cpp.llama_ftype_name(params.ftype) or b"").decode()
+        if hasattr(llama_cpp, "llama_ftype_name")
+        else outtype,
         "seconds": round(seconds, 2),
         "tensor_types": _count(types.values()),
         "fallback": fallback_tensors(dst) if outtype in QUANTIZED_OUTTYPES else [],
@@ -185,6 +189,6 @@ class _captured_llama_log:
             from llama_cpp import _logger
 
             self.llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-        except Exception:  # noqa: BLE001 - an older llama-cpp-python without the module: leave ours silent
+        except Exception:  # noqa: BLE001, S110 - an older llama-cpp-python without the module: leave ours silent
             pass
         return False

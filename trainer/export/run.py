@@ -1,10 +1,10 @@
 """`trainer export RUN_DIR --gguf TYPE [--out FILE] [--check]`: the run's merged model as a GGUF + Modelfile.
 
-    RUN_DIR/merged/ (merged first if missing; RUN_DIR/model/ for a full fine-tune)
-      -> RUN_DIR/export/model-TYPE.gguf   (f16/bf16/f32/q8_0 written by us; K-quants by llama.cpp)
-      -> RUN_DIR/export/Modelfile         (Ollama: FROM, TEMPLATE, PARAMETER stop ..., generation settings)
-    --check: also model-f16.gguf and model-q8_0.gguf (the hops before TYPE), then
-      -> RUN_DIR/export/report.json, report.md (see trainer.export.check)
+RUN_DIR/merged/ (merged first if missing; RUN_DIR/model/ for a full fine-tune)
+  -> RUN_DIR/export/model-TYPE.gguf   (f16/bf16/f32/q8_0 written by us; K-quants by llama.cpp)
+  -> RUN_DIR/export/Modelfile         (Ollama: FROM, TEMPLATE, PARAMETER stop ..., generation settings)
+--check: also model-f16.gguf and model-q8_0.gguf (the hops before TYPE), then
+  -> RUN_DIR/export/report.json, report.md (see trainer.export.check)
 """
 
 from __future__ import annotations
@@ -86,19 +86,25 @@ def export_run(run_dir: Path, outtype: str = "f16", *, out: Path | None = None, 
             log(f"export: {hop}: {fb['tensor']} has {fb['columns']} columns (not a multiple of 256): {fb['type']}")
     main = files[outtype]
     if main.get("not_stopping_llama_cpp"):
-        log(f"export: warning: llama.cpp ends generation only on eos/eot/eom and tokens it knows by text; "
-            f"{main['not_stopping_llama_cpp']} may not stop it (the Modelfile stops on them)")
+        log(
+            f"export: warning: llama.cpp ends generation only on eos/eot/eom and tokens it knows by text; "
+            f"{main['not_stopping_llama_cpp']} may not stop it (the Modelfile stops on them)"
+        )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ensure_chat_template(tokenizer)
     import gguf
 
     fields = gguf.GGUFReader(out).fields
-    add_bos = bool(fields["tokenizer.ggml.add_bos_token"].contents()) if "tokenizer.ggml.add_bos_token" in fields else False
+    add_bos = (
+        bool(fields["tokenizer.ggml.add_bos_token"].contents()) if "tokenizer.ggml.add_bos_token" in fields else False
+    )
     modelfile = write_modelfile(out, tokenizer, add_bos, main["stop_tokens"], recipe.generation)
     if modelfile["family"] is None:
-        log(f"export: warning: {modelfile['path']} has no TEMPLATE: the run's chat template is none of ChatML, "
-            "Llama 2, Llama 3, Mistral; Ollama will guess one from the GGUF's embedded template")
+        log(
+            f"export: warning: {modelfile['path']} has no TEMPLATE: the run's chat template is none of ChatML, "
+            "Llama 2, Llama 3, Mistral; Ollama will guess one from the GGUF's embedded template"
+        )
     log(f"export: {modelfile['path']} (template: {modelfile['family'] or 'none'}, stop: {main['stop_tokens']})")
 
     report = None
@@ -125,15 +131,29 @@ def check_run(run_dir: Path, recipe, model_dir: Path, tokenizer, files: dict, ex
 
         adapter = adapter_dir(run_dir)
         tuned = load_tuned(recipe, adapter, quantized=recipe.model.quantization is not None, device_map={"": device})
-        hops.append(check.hf_hop("adapter", tuned, tokenizer, evalset, recipe.generation, adapter,
-                                 check.folder_bytes(adapter), log=log))
+        hops.append(
+            check.hf_hop(
+                "adapter", tuned, tokenizer, evalset, recipe.generation, adapter, check.folder_bytes(adapter), log=log
+            )
+        )
         del tuned
         gc.collect()
     merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    hops.append(check.hf_hop("merged" if recipe.lora is not None else "model", merged, tokenizer, evalset,
-                             recipe.generation, model_dir, check.folder_bytes(model_dir), log=log))
-    gguf_hops = check.gguf_hops([(t, Path(f["path"])) for t, f in files.items()], merged, tokenizer, evalset,
-                                recipe.generation, log=log)
+    hops.append(
+        check.hf_hop(
+            "merged" if recipe.lora is not None else "model",
+            merged,
+            tokenizer,
+            evalset,
+            recipe.generation,
+            model_dir,
+            check.folder_bytes(model_dir),
+            log=log,
+        )
+    )
+    gguf_hops = check.gguf_hops(
+        [(t, Path(f["path"])) for t, f in files.items()], merged, tokenizer, evalset, recipe.generation, log=log
+    )
     for hop in gguf_hops:
         facts = files[hop["hop"]]
         hop["type"] = hop["hop"]

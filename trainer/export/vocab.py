@@ -213,7 +213,7 @@ def end_of_turn_id(tokenizer, stop_ids: list[int]) -> int | None:
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     try:
         pieces = chat_segments(tokenizer, probe)
-    except Exception:  # a template that refuses the probe: fall back to the list's order
+    except Exception:  # noqa: BLE001 - a template that refuses the probe: fall back to the list's order
         pieces = []
     for text, is_reply in pieces:
         if is_reply:

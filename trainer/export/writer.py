@@ -209,9 +209,7 @@ def model_params(model_dir: Path) -> ModelParams:
         rope_theta = 10000.0
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in ("default", "linear", "llama3"):
-        raise UserError(
-            f"GGUF export: {config_path} uses rope type {rope_type!r}; supported: default, linear, llama3."
-        )
+        raise UserError(f"GGUF export: {config_path} uses rope type {rope_type!r}; supported: default, linear, llama3.")
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
