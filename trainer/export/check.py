@@ -120,11 +120,43 @@ class LogitsComparison:
 
 
 # ------------------------------------------------------------------------------------------------ HF hops
-def hf_hop(name: str, model, tokenizer, evalset: EvalSet, generation, path: Path, nbytes: int, log=print) -> dict:
+def hf_greedy_replies(
+    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, stop_ids: list[int], batch_size: int = 16
+) -> tuple[list[str], int]:
+    """Greedy replies of a Hugging Face model that stop on any of `stop_ids` (the run's end-of-turn tokens,
+    as llama.cpp and the Modelfile stop), batched with left padding. Returns (replies, how many stopped)."""
+    import torch
+
+    device = next(model.parameters()).device
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    replies, stopped = [], 0
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad
+                )
+            for row in out[:, enc["input_ids"].shape[1] :].tolist():
+                ends = [i for i, t in enumerate(row) if t in stop_ids]
+                stopped += bool(ends)
+                replies.append(tokenizer.decode(row[: ends[0]] if ends else row, skip_special_tokens=True).strip())
+    finally:
+        tokenizer.padding_side = old_side
+    return replies, stopped
+
+
+def hf_hop(
+    name: str, model, tokenizer, evalset: EvalSet, generation, stop_ids: list[int], path: Path, nbytes: int, log=print
+) -> dict:
     """Score a Hugging Face model (adapter or merged) the way every hop is scored."""
     import torch
 
-    from trainer.evaluate import exact_match_rate, generate
+    from trainer.evaluate import exact_match_rate
 
     device = next(model.parameters()).device
     loss_sum, count = 0.0, 0
@@ -137,10 +169,13 @@ def hf_hop(name: str, model, tokenizer, evalset: EvalSet, generation, path: Path
     usable = [(p, r) for p, r in zip(evalset.prompts, evalset.references) if p]
     if usable:
         started = time.perf_counter()
-        replies = generate(model, tokenizer, [p for p, _ in usable], max_new_tokens=generation.max_new_tokens)
+        replies, stopped = hf_greedy_replies(
+            model, tokenizer, [p for p, _ in usable], generation.max_new_tokens, stop_ids
+        )
         hop["generate_s"] = round(time.perf_counter() - started, 2)
         hop["exact_match"] = exact_match_rate(replies, [r for _, r in usable])
         hop["exact_match_n"] = len(usable)
+        hop["stopped"] = stopped
         hop["replies"] = replies
     log(_hop_line(hop))
     return hop

@@ -123,6 +123,7 @@ def check_run(run_dir: Path, recipe, model_dir: Path, tokenizer, files: dict, ex
     from trainer.export import check
 
     evalset = check.load_eval_set(run_dir, recipe, tokenizer)
+    stop_ids = files[list(files)[-1]]["stop_token_ids"]
     check.require_references(evalset)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hops = []
@@ -133,7 +134,15 @@ def check_run(run_dir: Path, recipe, model_dir: Path, tokenizer, files: dict, ex
         tuned = load_tuned(recipe, adapter, quantized=recipe.model.quantization is not None, device_map={"": device})
         hops.append(
             check.hf_hop(
-                "adapter", tuned, tokenizer, evalset, recipe.generation, adapter, check.folder_bytes(adapter), log=log
+                "adapter",
+                tuned,
+                tokenizer,
+                evalset,
+                recipe.generation,
+                stop_ids,
+                adapter,
+                check.folder_bytes(adapter),
+                log=log,
             )
         )
         del tuned
@@ -146,6 +155,7 @@ def check_run(run_dir: Path, recipe, model_dir: Path, tokenizer, files: dict, ex
             tokenizer,
             evalset,
             recipe.generation,
+            stop_ids,
             model_dir,
             check.folder_bytes(model_dir),
             log=log,
