@@ -226,3 +226,31 @@ def test_tied_embeddings_greedy_ids_equal_hf(tmp_path):
             assert got == want
     finally:
         llm.close()
+
+
+def test_mistral_style_metaspace_tokenizer_matches_on_chat_prompts(tmp_path):
+    """Mistral's tokenizer.json spells SentencePiece's prefix as Metaspace(prepend_scheme="first"): a "▁" only at
+    the very start of the text, none after a special token. llama.cpp prepends after every special token unless
+    add_space_prefix is false, so the export writes false: chat prompts (which start with <s>) then tokenize
+    exactly as in Hugging Face. Raw text with an added BOS does not (HF prefixes it, llama.cpp cannot): known."""
+    from transformers import AutoTokenizer
+
+    folder = build_model(tmp_path / "mistral-like", "spm", hidden=64, intermediate=128)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    tok = AutoTokenizer.from_pretrained(folder)
+    facts = write_gguf(folder, tmp_path / "m.gguf", "f16")
+    assert gguf.GGUFReader(facts["path"]).fields["tokenizer.ggml.add_space_prefix"].contents() is False
+    llm = open_llama(Path(facts["path"]), n_ctx=256, logits_all=False)
+    try:
+        for p in PROMPTS:
+            text = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            assert (
+                llm.tokenize(text.encode(), add_bos=False, special=True)
+                == tok(text, add_special_tokens=False)["input_ids"]
+            )
+        assert llm.tokenize(b"hello world", add_bos=True, special=True) != tok("hello world")["input_ids"]
+    finally:
+        llm.close()

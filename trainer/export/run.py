@@ -3,12 +3,15 @@
 RUN_DIR/merged/ (merged first if missing; RUN_DIR/model/ for a full fine-tune)
   -> RUN_DIR/export/model-TYPE.gguf   (f16/bf16/f32/q8_0 written by us; K-quants by llama.cpp)
   -> RUN_DIR/export/Modelfile         (Ollama: FROM, TEMPLATE, PARAMETER stop ..., generation settings)
+  -> RUN_DIR/export/export.json       (facts of every file written: tensor types, K-quant fallbacks, stops)
 --check: also model-f16.gguf and model-q8_0.gguf (the hops before TYPE), then
   -> RUN_DIR/export/report.json, report.md (see trainer.export.check)
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 
@@ -43,6 +46,15 @@ def hop_types(outtype: str) -> list[str]:
     return chain
 
 
+def fallback_summary(fallback: list[dict]) -> str:
+    """'N matrices fell back (rows not a multiple of 256): 576 columns -> Q5_0 x150, ...' in one line."""
+    groups: dict[tuple[int, str], int] = {}
+    for f in fallback:
+        groups[(f["columns"], f["type"])] = groups.get((f["columns"], f["type"]), 0) + 1
+    parts = ", ".join(f"{cols} columns -> {t} x{n}" for (cols, t), n in sorted(groups.items()))
+    return f"{len(fallback)} matrices fell back as llama.cpp does (rows not a multiple of 256): {parts}"
+
+
 def model_folder(run_dir: Path, log=print) -> Path:
     """RUN_DIR/model (full fine-tune) or RUN_DIR/merged, merging the adapter first when it is missing."""
     if (run_dir / "model" / "config.json").is_file():
@@ -58,8 +70,10 @@ def model_folder(run_dir: Path, log=print) -> Path:
 def export_run(run_dir: Path, outtype: str = "f16", *, out: Path | None = None, check: bool = False, log=print) -> dict:
     """Export the run's model as `outtype` (+ Modelfile); with `check`, every hop checked (report files).
 
-    Returns `{"gguf": facts, "modelfile": {...}, "report": report-or-None}`; `report["failures"]` lists the
-    failed checks (empty when the export passed).
+    Writes the GGUF(s), `Modelfile` and `export.json` (every file's facts: tensor types, fallbacks, stop ids)
+    in the output folder. Returns `{"gguf": facts of the requested file, "files": {type: facts},
+    "modelfile": {"path", "family"}, "report": check report or None}`; `report["failures"]` lists the failed
+    checks (empty when the export passed).
     """
     from transformers import AutoTokenizer
 
@@ -82,8 +96,8 @@ def export_run(run_dir: Path, outtype: str = "f16", *, out: Path | None = None, 
         facts = write_gguf(model_dir, path, hop)
         files[hop] = facts
         log(f"export: {path} ({facts['bytes'] / 2**20:.1f} MiB, {hop}, {facts['seconds']} s)")
-        for fb in facts.get("fallback", []):
-            log(f"export: {hop}: {fb['tensor']} has {fb['columns']} columns (not a multiple of 256): {fb['type']}")
+        if facts.get("fallback"):
+            log(f"export: {hop}: {fallback_summary(facts['fallback'])} (list in {export_dir / 'export.json'})")
     main = files[outtype]
     if main.get("not_stopping_llama_cpp"):
         log(
@@ -107,6 +121,7 @@ def export_run(run_dir: Path, outtype: str = "f16", *, out: Path | None = None, 
         )
     log(f"export: {modelfile['path']} (template: {modelfile['family'] or 'none'}, stop: {main['stop_tokens']})")
 
+    (export_dir / "export.json").write_text(json.dumps({"files": files, "modelfile": modelfile}, indent=1))
     report = None
     if check:
         report = check_run(run_dir, recipe, model_dir, tokenizer, files, export_dir, log=log)
@@ -179,7 +194,7 @@ def check_run(run_dir: Path, recipe, model_dir: Path, tokenizer, files: dict, ex
         "split": evalset.split,
         "conversations": len(evalset.input_ids),
         "max_new_tokens": recipe.generation.max_new_tokens,
-        "threads": __import__("os").cpu_count() or 1,
+        "threads": os.cpu_count() or 1,
         "stop_token_ids": main["stop_token_ids"],
         "stop_tokens": main["stop_tokens"],
         "eot_token_id": main["eot_token_id"],
