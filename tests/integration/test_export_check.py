@@ -19,6 +19,7 @@ from tests.conftest import tiny_recipe, write_jsonl
 from tests.gguf_models import REPLY, build_model
 
 torch = pytest.importorskip("torch")
+pytest.importorskip("llama_cpp")  # the gguf extra: CI installs it (.ci/run)
 pytestmark = pytest.mark.slow
 
 QUESTIONS = [
