@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("run_dir")
     m.add_argument("--checkpoint", metavar="CKPT", help=checkpoint_help)
+    m.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="storage dtype of the merged weights (auto: the base checkpoint's own; the check runs in fp32)",
+    )
 
     e = sub.add_parser(
         "eval", parents=[common], help="base vs tuned on the run's test split -> RUN_DIR/eval/, RUN_DIR/plots/"
@@ -66,13 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--checkpoint", metavar="CKPT", help=checkpoint_help)
 
+    from trainer.export.run import OUTTYPES
+
     x = sub.add_parser(
-        "export", parents=[common], help="write RUN_DIR/merged as a GGUF file for llama.cpp-style runtimes"
+        "export", parents=[common], help="RUN_DIR's merged model as a GGUF (+ Ollama Modelfile) for llama.cpp/Ollama"
     )
     x.add_argument("run_dir")
-    x.add_argument("--gguf", choices=["f16", "q8_0"], default="f16")
+    x.add_argument(
+        "--gguf",
+        choices=OUTTYPES,
+        default="f16",
+        help="f16/bf16/f32/q8_0 written directly; K-quants (q4_k_m, ...) by llama.cpp (pip install 'trainer[gguf]')",
+    )
     x.add_argument("--out", help="output file (default RUN_DIR/export/model-TYPE.gguf)")
     x.add_argument("--checkpoint", metavar="CKPT", help=checkpoint_help + " (merged first)")
+    x.add_argument(
+        "--check",
+        action="store_true",
+        help="also write the f16/q8_0 hops, run each in llama.cpp against the merged model on the test "
+        "split -> RUN_DIR/export/report.{json,md}; exit 1 if a check fails",
+    )
 
     s = sub.add_parser("estimate", parents=[common], help="per-GPU memory plan for a recipe")
     s.add_argument("recipe")
@@ -89,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--fresh", action="store_true", help="retrain even if the run is complete")
+    d.add_argument(
+        "--export",
+        choices=OUTTYPES,
+        metavar="TYPE",
+        help="end with `trainer export RUN_DIR --gguf TYPE --check` (e.g. q4_k_m) and its hop table",
+    )
     return p
 
 
@@ -125,7 +150,7 @@ def cmd_merge(args) -> int:
     source = tuned_source(args.run_dir, args.checkpoint, log=print)  # checked before torch is imported
     from trainer.merge import merge_run
 
-    merge_run(args.run_dir, source=source)
+    merge_run(args.run_dir, source=source, dtype=args.dtype)
     return 0
 
 
@@ -173,20 +198,18 @@ def cmd_export(args) -> int:
 
     from trainer.artifacts import merged_source
 
-    merged, source = merged_source(args.run_dir, args.checkpoint, log=print)  # checked before torch is imported
-    if merged is None:
-        from trainer.merge import merge_run
+    merged_source(args.run_dir, args.checkpoint, log=lambda m: None)  # checked before torch is imported
+    from trainer.export import export_run
 
-        merge_run(args.run_dir, source=source)
-        merged, _ = merged_source(args.run_dir, None, log=lambda m: None)
-    from trainer.export import export_gguf
-    from trainer.run_dir import RunDir
-
-    out = Path(args.out) if args.out else RunDir(args.run_dir).export / f"model-{args.gguf}.gguf"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    facts = export_gguf(merged, out, args.gguf)
-    print(f"export: {facts['path']} ({facts['bytes'] / 2**20:.1f} MiB, {facts['tensor_count']} tensors, {args.gguf})")
-    return 0
+    result = export_run(
+        Path(args.run_dir),
+        args.gguf,
+        out=Path(args.out) if args.out else None,
+        check=args.check,
+        checkpoint=args.checkpoint,
+    )
+    report = result["report"]
+    return 1 if report is not None and report["failures"] else 0
 
 
 def cmd_estimate(args) -> int:
@@ -212,8 +235,9 @@ def cmd_estimate(args) -> int:
 def cmd_demo(args) -> int:
     from trainer.demo import run_demo
 
-    run_demo(output_dir=args.output_dir, seed=args.seed, fresh=args.fresh)
-    return 0
+    report = run_demo(output_dir=args.output_dir, seed=args.seed, fresh=args.fresh, export=args.export)
+    exported = report.get("export")
+    return 1 if exported is not None and exported["failures"] else 0
 
 
 COMMANDS = {

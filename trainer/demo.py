@@ -59,7 +59,10 @@ def run_demo(
     n_rows: int | None = None,
     overrides: list[str] = (),
     log=print,
+    export: str | None = None,
 ) -> dict:
+    """The demo pipeline (module docstring); with `export` (a GGUF type such as "q4_k_m"), it ends with
+    `trainer export RUN_DIR --gguf TYPE --check` and its hop table (report["export"] is the check report)."""
     from trainer import train
     from trainer.config import recipe_hash
     from trainer.evaluate import eval_run
@@ -95,11 +98,21 @@ def run_demo(
     t0 = time.perf_counter()
     report = eval_run(run_dir, exact_match=True, merged=True, log=log)
     timings["eval_s"] = round(time.perf_counter() - t0, 1)
+    exported = None
+    if export:
+        from trainer.export import export_run
+
+        t0 = time.perf_counter()
+        exported = export_run(run_dir, export, check=True, log=log)["report"]
+        timings["export_s"] = round(time.perf_counter() - t0, 1)
     timings["total_s"] = round(time.perf_counter() - started, 1)
     report["timings"] = timings
     report["task"] = _task_name()
     RunDir(run_dir).eval_report.write_text(json.dumps(report, indent=1))
     print_table(report)
+    if exported is not None:
+        print_hop_table(exported)
+        report["export"] = exported
     return report
 
 
@@ -136,7 +149,36 @@ def print_table(report: dict) -> None:
         side.add_row(s["prompt"] or "", s["reference"] or "", s.get("base_greedy", ""), s.get("tuned_greedy", ""))
     console.print(side)
     t = report.get("timings", {})
+    export = f", export + check {t['export_s']} s" if "export_s" in t else ""
     console.print(
         f"wall time: {t.get('total_s', '?')} s (model {t.get('model_s')} s, train {t.get('train_s')} s, "
-        f"merge {t.get('merge_s')} s, eval {t.get('eval_s')} s)"
+        f"merge {t.get('merge_s')} s, eval {t.get('eval_s')} s{export})"
     )
+
+
+def print_hop_table(report: dict) -> None:
+    """base -> tuned -> shipped: the export check's hops (RUN_DIR/export/report.md has the details)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"shipped: every hop on the {report['split']} split ({report['conversations']} prompts)")
+    for col in ("hop", "size (MiB)", "exact match", "perplexity", "stopped", "top-1 vs merged", "llama.cpp tok/s"):
+        table.add_column(col, justify="left" if col == "hop" else "right")
+    for hop in report["hops"]:
+        vs = hop.get("vs_merged")
+        table.add_row(
+            hop["hop"],
+            f"{hop['bytes'] / 2**20:.1f}",
+            f"{hop['exact_match']:.3f}" if "exact_match" in hop else "-",
+            f"{hop['perplexity']:.3f}",
+            f"{hop['stopped']}/{hop['exact_match_n']}" if "stopped" in hop else "-",
+            f"{vs['top1_agree']}/{vs['positions']}" if vs else "-",
+            f"{hop['generation_tokens_per_s']:.0f}" if hop.get("generation_tokens_per_s") else "-",
+        )
+    console = Console()
+    console.print(table)
+    if report["failures"]:
+        for line in report["failures"]:
+            console.print(f"[red]check failed:[/red] {line}")
+    else:
+        console.print("export check: PASS (tokenization, template, top-1, stops)")

@@ -215,9 +215,18 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_tuned(recipe, adapter: Path, *, quantized: bool = False, device_map=None, vocab_size: int | None = None):
-    """The recipe's base (unquantized, in the compute dtype, unless `quantized`) + the PEFT adapter in `adapter`,
-    in eval mode. `vocab_size`: the run's tokenizer length (embeddings resized when the run added tokens)."""
+def load_tuned(
+    recipe,
+    adapter: Path,
+    *,
+    quantized: bool = False,
+    device_map=None,
+    vocab_size: int | None = None,
+    dtype: str | None = None,
+):
+    """The recipe's base (unquantized, in the compute dtype or `dtype` ("fp32"/"bf16"/"fp16"), unless `quantized`)
+    + the PEFT adapter in `adapter`, in eval mode. `vocab_size`: the run's tokenizer length (embeddings resized
+    when the run added tokens)."""
     from peft import PeftModel
 
     from trainer.preflight import check_adapter_folder
@@ -225,7 +234,7 @@ def load_tuned(recipe, adapter: Path, *, quantized: bool = False, device_map=Non
     check_adapter_folder(adapter)
     base = load_base(
         recipe.model,
-        dtype=torch_dtype(recipe.model.dtype),
+        dtype=torch_dtype(dtype or recipe.model.dtype),
         quantize=quantized,
         device_map=device_map,
         vocab_size=vocab_size,

@@ -279,7 +279,7 @@ def test_metadata_is_what_llama_cpp_reads(model_dir, tmp_path):
     assert value("llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
     assert value("llama.vocab_size") == config["vocab_size"]
     assert value("tokenizer.ggml.model") == "gpt2"
-    assert value("tokenizer.ggml.pre") == "gpt2"
+    assert value("tokenizer.ggml.pre") == "gpt-2"
     tokens = value("tokenizer.ggml.tokens")
     types = value("tokenizer.ggml.token_type")
     assert len(tokens) == len(types) == config["vocab_size"]
@@ -376,7 +376,7 @@ def test_unrecognised_pre_tokenizer_is_refused(model_dir, tmp_path):
 
 
 def test_q8_0_falls_back_to_f16_for_rows_not_a_multiple_of_32():
-    from trainer.export import _choose_qtype
+    from trainer.export.writer import _choose_qtype
 
     T = gguf.GGMLQuantizationType
     assert _choose_qtype("blk.0.ffn_down.weight", (64, 128), "q8_0") == T.Q8_0

@@ -1,26 +1,25 @@
-"""Write a merged Hugging Face Llama-family model folder as one GGUF file.
+"""Write a merged Hugging Face model folder as one GGUF file, as llama.cpp's `convert_hf_to_gguf.py` would.
 
-The file is what llama.cpp's `convert_hf_to_gguf.py` would write for the same folder (architecture
-`llama`), produced with the `gguf` package's `GGUFWriter` so that nothing from llama.cpp has to be
-installed:
+Produced with the `gguf` package's `GGUFWriter`, so nothing from llama.cpp has to be installed:
 
-- metadata under llama.cpp's key names (`llama.context_length`, `llama.attention.head_count_kv`, ...);
-- tensors under llama.cpp's names (`token_embd`, `blk.N.attn_q`, ..., `output_norm`, `output`), with
-  `q_proj`/`k_proj` rows permuted the way llama.cpp's converter does (its rotary embedding pairs
-  adjacent dimensions, Hugging Face's pairs the two halves of each head); transformers' GGUF loader
-  undoes that permutation, so a file written here loads back into transformers unchanged;
-- no `output.weight` when the embeddings are tied (llama.cpp, and transformers' loader, read a
-  missing `output.weight` as "tied");
-- the tokenizer as a byte-level BPE (`tokenizer.ggml.model = "gpt2"`): tokens, token types, merges,
-  special token ids, add-BOS/EOS flags and the chat template.
+- architectures: `llama` (config `model_type` llama, and mistral without a sliding window, which is the
+  same graph) and `qwen2` (biases on q/k/v, NEOX rotary: no permutation);
+- metadata under llama.cpp's key names (`llama.context_length`, `qwen2.attention.head_count_kv`, ...);
+- tensors under llama.cpp's names (`token_embd`, `blk.N.attn_q`, ..., `output_norm`, `output`); for
+  `llama`, `q_proj`/`k_proj` rows (and biases) are permuted the way llama.cpp's converter does (its rotary
+  embedding pairs adjacent dimensions, Hugging Face's pairs the two halves of each head);
+- no `output.weight` when the embeddings are tied (llama.cpp reads a missing `output.weight` as tied);
+- the tokenizer (see `trainer.export.vocab`): byte-level BPE or SentencePiece-style, special ids
+  including the end-of-turn token, add-BOS/EOS flags and the chat template.
 
-`outtype` is `f16` (2-D matrices in float16) or `q8_0` (2-D matrices quantized to Q8_0 with
-`gguf.quants.quantize`). Norms and other 1-D tensors stay float32 either way, as llama.cpp's converter
-keeps them. A matrix whose rows are not a multiple of the Q8_0 block (32) falls back to float16, as
-the converter does too.
+`outtype` here is `f32`, `f16`, `bf16` (2-D matrices stored in that type) or `q8_0` (2-D matrices
+quantized with `gguf.quants`, the same Q8_0 rounding as llama.cpp's reference quantizer). Norms, biases
+and other 1-D tensors stay float32, as llama.cpp's converter keeps them. A Q8_0 matrix whose rows are not
+a multiple of the block (32) falls back to float16, as the converter does. K-quants are not written here:
+`trainer.export.quantize` hands an f16/bf16/f32 file to llama.cpp's own quantizer.
 
 Tensors are streamed: each is read from the safetensors files, converted and written before the next
-is read, so exporting needs about one tensor's worth of memory on top of the mapped files.
+is read, so writing needs about one tensor's worth of memory on top of the mapped files.
 """
 
 from __future__ import annotations
@@ -37,57 +36,63 @@ from typing import Any
 import numpy as np
 
 from trainer.errors import UserError
+from trainer.export.vocab import Vocab, add_to_writer, read_vocab
 
 logger = logging.getLogger(__name__)
 
-# config.model_type values this exporter writes. Mistral is the Llama graph under another name (as
-# long as it has no sliding window), which is also how llama.cpp converts it: architecture `llama`.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral")
-OUTTYPES = ("f16", "q8_0")
+# config.model_type -> llama.cpp architecture. Mistral is the Llama graph under another name (as long as it
+# has no sliding window), which is also how llama.cpp converts it.
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+WRITTEN_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 # Hugging Face tensors llama.cpp's converter drops: buffers recomputed at load time.
 _SKIPPED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
-# The pre-tokenizer regex Llama 3 tokenizers split with (llama.cpp calls it `llama-bpe`).
-_LLAMA3_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
 
 def export_gguf(model_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
-    """Write the merged model in `model_dir` to `out_path` as a single GGUF file.
+    """Write the merged model in `model_dir` to `out_path` as a single GGUF file of type `outtype`.
 
-    `model_dir` is a folder written by `save_pretrained` (config.json, *.safetensors, tokenizer.json
-    and the other tokenizer files). Returns facts about the written file:
-    `{"path", "bytes", "tensor_count", "outtype", "architecture", "tie_word_embeddings",
-    "vocab_size", "f16_fallback"}` where `f16_fallback` lists the q8_0 matrices that could not be
-    quantized (rows not a multiple of 32) and were written as float16.
+    `model_dir` is a folder written by `save_pretrained` (config.json, *.safetensors, tokenizer.json and the
+    other tokenizer files, generation_config.json). `outtype` is one of `WRITTEN_OUTTYPES`; K-quants go
+    through `trainer.export.quantize.export_quantized`. Returns facts about the written file:
+    `{"path", "bytes", "tensor_count", "outtype", "architecture", "gguf_architecture",
+    "tie_word_embeddings", "vocab_size", "tokenizer", "pre_tokenizer", "stop_token_ids", "eot_token_id",
+    "not_stopping_llama_cpp", "f16_fallback"}` where `f16_fallback` lists the q8_0 matrices that could not
+    be quantized (rows not a multiple of 32) and were written as float16.
 
-    Raises `UserError` for a folder that is not a supported architecture, a tokenizer that is not a
-    byte-level BPE, an unknown `outtype`, or missing files.
+    The file appears at `out_path` only when whole (written as `*.partial`, then renamed). Raises
+    `UserError` for a folder that is not a supported architecture, a tokenizer llama.cpp would not
+    reproduce, an unknown `outtype`, or missing files.
     """
     import gguf
 
     model_dir = Path(model_dir)
     out_path = Path(out_path)
     outtype = str(outtype).lower()
-    if outtype not in OUTTYPES:
-        raise UserError(f"GGUF export: outtype {outtype!r} is not supported; use one of: {', '.join(OUTTYPES)}.")
+    if outtype not in WRITTEN_OUTTYPES:
+        raise UserError(
+            f"GGUF export: outtype {outtype!r} is not written directly; use one of: {', '.join(WRITTEN_OUTTYPES)}."
+        )
     if not model_dir.is_dir():
         raise UserError(f"GGUF export: model folder {model_dir} does not exist.")
 
-    params = _model_params(model_dir)
-    vocab = _read_vocab(model_dir, params.vocab_size)
+    params = model_params(model_dir)
+    vocab = read_vocab(model_dir, params.vocab_size)
     plans = _plan_tensors(model_dir, params, outtype)
 
-    file_type = gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = out_path.with_name(out_path.name + ".partial")
-    writer = gguf.GGUFWriter(tmp_path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(tmp_path, params.gguf_arch)
     try:
         _add_model_metadata(writer, params, file_type, name=_general_name(model_dir))
-        _add_tokenizer_metadata(writer, vocab)
+        add_to_writer(writer, vocab)
         for plan in plans:
             writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype)
         writer.write_header_to_file()
@@ -110,12 +115,28 @@ def export_gguf(model_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
         "tensor_count": len(plans),
         "outtype": outtype,
         "architecture": params.model_type,
+        "gguf_architecture": params.gguf_arch,
         "tie_word_embeddings": params.tie_word_embeddings,
         "vocab_size": params.vocab_size,
+        **vocab_facts(vocab),
         "f16_fallback": [p.name for p in plans if outtype == "q8_0" and p.qtype == gguf.GGMLQuantizationType.F16],
     }
     logger.info("wrote %s (%d bytes, %d tensors, %s)", out_path, facts["bytes"], len(plans), outtype)
     return facts
+
+
+def vocab_facts(vocab: Vocab) -> dict:
+    """The tokenizer facts an export reports (ids and their token strings)."""
+    return {
+        "tokenizer": vocab.model,
+        "pre_tokenizer": vocab.pre,
+        "stop_token_ids": list(vocab.stop_token_ids),
+        "stop_tokens": [vocab.token(i) for i in vocab.stop_token_ids],
+        "eos_token_id": vocab.eos_token_id,
+        "eot_token_id": vocab.eot_token_id,
+        "eom_token_id": vocab.eom_token_id,
+        "not_stopping_llama_cpp": [vocab.token(i) for i in vocab.not_stopping_llama_cpp],
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,8 +144,11 @@ def export_gguf(model_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
 
 
 @dataclass(frozen=True)
-class _ModelParams:
-    model_type: str
+class ModelParams:
+    """What llama.cpp needs from config.json (sizes in elements, rope base in its own units)."""
+
+    model_type: str  # config.json model_type
+    gguf_arch: str  # llama.cpp architecture name
     context_length: int
     embedding_length: int
     block_count: int
@@ -139,7 +163,9 @@ class _ModelParams:
     tie_word_embeddings: bool
 
 
-def _model_params(model_dir: Path) -> _ModelParams:
+def model_params(model_dir: Path) -> ModelParams:
+    """Read and check `model_dir/config.json`. Raises `UserError` (one line) for an architecture, activation,
+    sliding window or rope type the llama.cpp graphs written here do not compute."""
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         hint = ""
@@ -151,10 +177,11 @@ def _model_params(model_dir: Path) -> _ModelParams:
     except (OSError, ValueError) as exc:
         raise UserError(f"GGUF export: cannot read {config_path}: {exc}") from exc
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    if model_type not in ARCHITECTURES:
         raise UserError(
-            f"GGUF export: {config_path} has model_type {model_type!r}; GGUF export supports only "
-            f"Llama-family architectures: {', '.join(SUPPORTED_ARCHITECTURES)}."
+            f"GGUF export: {config_path} has model_type {model_type!r}; GGUF export supports: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (llama with SentencePiece or byte-level BPE tokenizers, "
+            "mistral without sliding window, qwen2)."
         )
 
     from transformers import AutoConfig
@@ -162,16 +189,20 @@ def _model_params(model_dir: Path) -> _ModelParams:
     config = AutoConfig.from_pretrained(model_dir)
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UserError(
-            f"GGUF export: {config_path} has hidden_act {config.hidden_act!r}; llama.cpp's llama graph "
-            "only computes 'silu'."
+            f"GGUF export: {config_path} has hidden_act {config.hidden_act!r}; llama.cpp's {ARCHITECTURES[model_type]} "
+            "graph only computes 'silu'."
         )
     sliding_window = getattr(config, "sliding_window", None)
+    if model_type == "qwen2":  # Qwen2 configs carry a window that only applies with use_sliding_window
+        sliding_window = sliding_window if getattr(config, "use_sliding_window", False) else None
     if sliding_window is not None and sliding_window < config.max_position_embeddings:
         raise UserError(
             f"GGUF export: {config_path} sets sliding_window={sliding_window}, below "
-            f"max_position_embeddings={config.max_position_embeddings}; a sliding-window Mistral is "
-            "not supported (the llama GGUF graph attends to the whole context)."
+            f"max_position_embeddings={config.max_position_embeddings}; sliding-window attention is "
+            f"not supported (the {ARCHITECTURES[model_type]} GGUF graph attends to the whole context)."
         )
+    if model_type in ("llama", "mistral") and getattr(config, "mlp_bias", False):
+        raise UserError(f"GGUF export: {config_path} sets mlp_bias=true; llama.cpp's llama graph has no MLP biases.")
     rope = dict(getattr(config, "rope_parameters", None) or {})
     rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if rope_theta is None:
@@ -182,8 +213,9 @@ def _model_params(model_dir: Path) -> _ModelParams:
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return _ModelParams(
+    return ModelParams(
         model_type=model_type,
+        gguf_arch=ARCHITECTURES[model_type],
         context_length=int(config.max_position_embeddings),
         embedding_length=int(config.hidden_size),
         block_count=int(config.num_hidden_layers),
@@ -206,7 +238,7 @@ def _general_name(model_dir: Path) -> str:
     return f"{name}-llama" if name == "mistral" else name
 
 
-def _add_model_metadata(writer, params: _ModelParams, file_type, name: str) -> None:
+def _add_model_metadata(writer, params: ModelParams, file_type, name: str) -> None:
     import gguf
 
     writer.add_name(name)
@@ -261,7 +293,8 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def _permute_for_llama_cpp(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
-    """llama.cpp's `LlamaModel.permute`, applied to q_proj (n_head, n_head) and k_proj (n_head, n_kv)."""
+    """llama.cpp's `LlamaModel.permute`, applied to q_proj (n_head, n_head) and k_proj (n_head, n_kv), weights
+    (2-D) and biases (1-D) alike."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
     return (
@@ -274,13 +307,15 @@ def _permute_for_llama_cpp(weights: np.ndarray, n_head: int, n_head_kv: int | No
 def _choose_qtype(gguf_name: str, shape: tuple[int, ...], outtype: str):
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or outtype == "f32":
         return GGMLQuantizationType.F32
     if outtype == "q8_0":
         block_size, _ = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
         if shape[-1] % block_size == 0:
             return GGMLQuantizationType.Q8_0
         logger.warning("%s: rows of %d are not a multiple of %d, written as f16", gguf_name, shape[-1], block_size)
+    if outtype == "bf16":
+        return GGMLQuantizationType.BF16
     return GGMLQuantizationType.F16
 
 
@@ -301,11 +336,12 @@ def _encode(data: np.ndarray, qtype) -> np.ndarray:
     return quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
 
 
-def _plan_tensors(model_dir: Path, params: _ModelParams, outtype: str) -> list[_TensorPlan]:
+def _plan_tensors(model_dir: Path, params: ModelParams, outtype: str) -> list[_TensorPlan]:
     import gguf
     from safetensors import safe_open
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, params.block_count)
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == params.gguf_arch)
+    name_map = gguf.get_tensor_name_map(arch, params.block_count)
     plans: list[_TensorPlan] = []
     seen: dict[str, str] = {}
     for path in _safetensors_files(model_dir):
@@ -319,7 +355,7 @@ def _plan_tensors(model_dir: Path, params: _ModelParams, outtype: str) -> list[_
             if gguf_name is None:
                 raise UserError(
                     f"GGUF export: tensor {hf_name!r} in {path.name} has no llama.cpp name; is this a "
-                    "plain Llama checkpoint (merged, without adapter or extra heads)?"
+                    f"plain {params.model_type} checkpoint (merged, without adapter or extra heads)?"
                 )
             if gguf_name == "output.weight" and params.tie_word_embeddings:
                 continue  # tied: llama.cpp reuses token_embd; a present output.weight would untie it
@@ -327,7 +363,9 @@ def _plan_tensors(model_dir: Path, params: _ModelParams, outtype: str) -> list[_
                 raise UserError(f"GGUF export: tensors {seen[gguf_name]!r} and {hf_name!r} both map to {gguf_name!r}.")
             seen[gguf_name] = hf_name
             shape = shapes[hf_name]
-            if ".attn_q." in gguf_name:
+            if params.gguf_arch != "llama":
+                permute = None  # qwen2's rotary (NEOX) pairs the two halves of each head, like Hugging Face's
+            elif ".attn_q." in gguf_name:
                 permute = (params.head_count, params.head_count)
             elif ".attn_k." in gguf_name:
                 permute = (params.head_count, params.head_count_kv)
@@ -409,157 +447,3 @@ def llama3_rope_factors(rope: dict, rope_theta: float, head_dim: int) -> np.ndar
             smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
             factors.append(1.0 / ((1.0 - smooth) / factor + smooth))
     return np.asarray(factors, dtype=np.float32)
-
-
-# --------------------------------------------------------------------------------------------------
-# tokenizer
-
-
-@dataclass
-class _Vocab:
-    pre: str
-    tokens: list[str]
-    token_types: list[int]
-    merges: list[str]
-    bos_token_id: int | None
-    eos_token_id: int | None
-    pad_token_id: int | None
-    unk_token_id: int | None
-    add_bos_token: bool
-    add_eos_token: bool
-    chat_template: str | list[dict] | None
-
-
-def _read_vocab(model_dir: Path, vocab_size: int) -> _Vocab:
-    import gguf
-
-    tokenizer_path = model_dir / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise UserError(
-            f"GGUF export: {tokenizer_path} is missing; save the tokenizer with the model "
-            "(tokenizer.save_pretrained) so the GGUF can carry it."
-        )
-    try:
-        spec = json.loads(tokenizer_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"GGUF export: cannot read {tokenizer_path}: {exc}") from exc
-
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style BPE (byte_fallback)" if model.get("byte_fallback") else repr(model.get("type"))
-        raise UserError(
-            f"GGUF export: {tokenizer_path} is a {kind} tokenizer; only byte-level (GPT-2 style) BPE "
-            "tokenizers are supported."
-        )
-    if spec.get("normalizer") is not None:
-        raise UserError(
-            f"GGUF export: {tokenizer_path} has a normalizer ({spec['normalizer'].get('type')}); llama.cpp's "
-            "byte-level BPE applies none, so the GGUF would tokenize differently."
-        )
-    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"), tokenizer_path)
-
-    id_to_token: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
-    added = {int(entry["id"]): entry for entry in spec.get("added_tokens") or []}
-    for token_id, entry in added.items():
-        id_to_token[token_id] = entry["content"]
-    if id_to_token and max(id_to_token) >= vocab_size:
-        raise UserError(
-            f"GGUF export: the tokenizer has token id {max(id_to_token)} but the model's vocab_size is "
-            f"{vocab_size}; resize the embeddings before saving."
-        )
-    tokens: list[str] = []
-    token_types: list[int] = []
-    for token_id in range(vocab_size):
-        if token_id not in id_to_token:
-            tokens.append(f"[PAD{token_id}]")  # embedding rows past the tokenizer, as llama.cpp writes them
-            token_types.append(gguf.TokenType.UNUSED)
-        elif token_id in added:
-            tokens.append(id_to_token[token_id])
-            token_types.append(
-                gguf.TokenType.CONTROL if added[token_id].get("special") else gguf.TokenType.USER_DEFINED
-            )
-        else:
-            tokens.append(id_to_token[token_id])
-            token_types.append(gguf.TokenType.NORMAL)
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges") or []]
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without_special = tokenizer("a", add_special_tokens=False)["input_ids"]
-    bos_id = tokenizer.bos_token_id
-    eos_id = tokenizer.eos_token_id
-    add_bos = bos_id is not None and len(with_special) > len(without_special) and with_special[0] == bos_id
-    add_eos = eos_id is not None and len(with_special) > len(without_special) and with_special[-1] == eos_id
-
-    chat_template = getattr(tokenizer, "chat_template", None)
-    if isinstance(chat_template, dict):
-        chat_template = [{"name": name, "template": template} for name, template in chat_template.items()]
-    return _Vocab(
-        pre=pre,
-        tokens=tokens,
-        token_types=[int(t) for t in token_types],
-        merges=merges,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=tokenizer.pad_token_id,
-        unk_token_id=tokenizer.unk_token_id,
-        add_bos_token=bool(add_bos),
-        add_eos_token=bool(add_eos),
-        chat_template=chat_template or None,
-    )
-
-
-def _pre_tokenizer_name(pre_tokenizer: dict | None, tokenizer_path: Path) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for the splitting this tokenizer.json does.
-
-    llama.cpp's converter recognises a tokenizer by hashing its output on a test text; here the few
-    byte-level shapes Llama-family models use are recognised from the tokenizer.json itself.
-    """
-
-    def byte_level(step: dict | None, use_regex: bool) -> bool:
-        return (
-            step is not None
-            and step.get("type") == "ByteLevel"
-            and bool(step.get("use_regex", True)) == use_regex
-            and not step.get("add_prefix_space", False)
-        )
-
-    if byte_level(pre_tokenizer, use_regex=True):
-        return "gpt2"
-    steps = (pre_tokenizer or {}).get("pretokenizers") if (pre_tokenizer or {}).get("type") == "Sequence" else None
-    if steps and len(steps) == 2:
-        first, second = steps
-        if first.get("type") == "Digits" and first.get("individual_digits") and byte_level(second, use_regex=True):
-            return "smollm"  # SmolLM / SmolLM2: digits one by one, then GPT-2's split
-        if (
-            first.get("type") == "Split"
-            and (first.get("pattern") or {}).get("Regex") == _LLAMA3_SPLIT_REGEX
-            and byte_level(second, use_regex=False)
-        ):
-            return "llama-bpe"  # Llama 3
-    raise UserError(
-        f"GGUF export: the pre-tokenizer in {tokenizer_path} ({json.dumps(pre_tokenizer)[:200]}) is not one "
-        "llama.cpp's byte-level BPE is known to reproduce (GPT-2, SmolLM or Llama 3 splitting)."
-    )
-
-
-def _add_tokenizer_metadata(writer, vocab: _Vocab) -> None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
-    if vocab.bos_token_id is not None:
-        writer.add_bos_token_id(vocab.bos_token_id)
-    if vocab.eos_token_id is not None:
-        writer.add_eos_token_id(vocab.eos_token_id)
-    if vocab.unk_token_id is not None:
-        writer.add_unk_token_id(vocab.unk_token_id)
-    if vocab.pad_token_id is not None:
-        writer.add_pad_token_id(vocab.pad_token_id)
-    writer.add_add_bos_token(vocab.add_bos_token)
-    writer.add_add_eos_token(vocab.add_eos_token)
-    if vocab.chat_template:
-        writer.add_chat_template(vocab.chat_template)
