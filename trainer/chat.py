@@ -3,12 +3,14 @@
 trainer chat RUN_DIR                          interactive, streaming; /use NAME, /base, /reset, /quit
 trainer chat RUN_DIR --prompt "..."           one answer
 trainer chat RUN_DIR --compare --prompt "..." base and tuned side by side
+trainer chat RUN_DIR --prompts FILE [--compare] every prompt of FILE -> RUN_DIR/eval/prompts.{md,jsonl}
 trainer chat RUN_DIR --adapter other=runs/x/adapter ...   several adapters on one loaded base
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -141,4 +143,97 @@ def print_side_by_side(answers: dict[str, str]) -> None:
     for name in answers:
         table.add_column(name)
     table.add_row(*answers.values())
+    Console().print(table)
+
+
+# ----------------------------------------------------------------------------------------------- predefined prompts
+def read_prompts(path: Path) -> list[dict]:
+    """[{"prompt": str, "reference": str | None}] from FILE: JSONL (a `.jsonl` file, or one whose first line starts
+    with `{`) with a `prompt` and an optional `reference` per line, else one prompt per non-empty line (as written,
+    trailing whitespace removed). UserError naming the file and line."""
+    if not path.is_file():
+        raise UserError(f"--prompts {path}: no such file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    out = []
+    if path.suffix == ".jsonl" or first.lstrip().startswith("{"):
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{n}: not valid JSON ({err.msg}); one object per line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise UserError(f'{path}:{n}: expected {{"prompt": "...", "reference": "..." (optional)}}')
+            ref = row.get("reference")
+            if ref is not None and not isinstance(ref, str):
+                raise UserError(f"{path}:{n}: reference must be a string (got {type(ref).__name__})")
+            out.append({"prompt": row["prompt"], "reference": ref})
+    else:
+        out = [{"prompt": line.rstrip(), "reference": None} for line in lines if line.strip()]
+    if not out:
+        raise UserError(f"--prompts {path}: no prompts in the file")
+    return out
+
+
+def prompts_dir(run_dir: Path | None) -> Path:
+    """Where `--prompts` writes prompts.md / prompts.jsonl: RUN_DIR/eval, or ./eval without a run folder."""
+    return RunDir(run_dir).eval if run_dir is not None else Path("eval")
+
+
+def run_prompts(chat: ChatModels, prompts: list[dict], names: list[str], out_dir: Path, **gen) -> list[dict]:
+    """Every prompt answered by each model of `names` (BASE and/or adapter names; batched, with the run's chat
+    template and stop tokens; greedy when temperature is 0), printed side by side and written to
+    `out_dir/prompts.md` and `out_dir/prompts.jsonl` (one object per prompt: prompt, reference, replies by name)."""
+    conversations = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    sampling = {"do_sample": gen["temperature"] > 0, "temperature": gen["temperature"] or 1.0, "top_p": gen["top_p"]}
+    replies: dict[str, list[str]] = {}
+    active = chat.active
+    for name in names:
+        chat.use(name)
+        with chat.as_active() as model:
+            replies[name] = generate.generate(
+                model, chat.tokenizer, conversations, max_new_tokens=gen["max_new_tokens"], **sampling
+            )
+    chat.use(active)
+    rows = [
+        {"prompt": p["prompt"], "reference": p["reference"], "replies": {n: replies[n][i] for n in names}}
+        for i, p in enumerate(prompts)
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "prompts.jsonl").open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out_dir / "prompts.md").write_text(prompts_markdown(rows, names), encoding="utf-8")
+    print_prompts_table(rows, names)
+    print(f"chat: wrote {out_dir / 'prompts.md'} and {out_dir / 'prompts.jsonl'}")
+    return rows
+
+
+def _md_cell(text: str | None) -> str:
+    return "-" if text is None else text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def prompts_markdown(rows: list[dict], names: list[str]) -> str:
+    """A markdown table: prompt, reference (when any prompt has one), then one column per model."""
+    refs = any(r["reference"] is not None for r in rows)
+    header = ["prompt", *(["reference"] if refs else []), *names]
+    lines = ["# Replies to the predefined prompts", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rows:
+        cells = [r["prompt"], *([r["reference"]] if refs else []), *(r["replies"][n] for n in names)]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_prompts_table(rows: list[dict], names: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    refs = any(r["reference"] is not None for r in rows)
+    table = Table(show_lines=True)
+    for col in ["prompt", *(["reference"] if refs else []), *names]:
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["prompt"], *([r["reference"] or ""] if refs else []), *(r["replies"][n] for n in names))
     Console().print(table)

@@ -61,7 +61,7 @@ def save(
     if accelerator.is_main_process:
         _drop_accelerate_pickles(tmp / "accelerate")
         if adapter is not None:
-            save_adapter(accelerator, model, tmp / "adapter", adapter)
+            save_adapter(accelerator, model, tmp / "adapter", adapter, initial=initial_adapter_of(run_dir))
         state_dict = {
             **state.to_dict(),
             "recipe_hash": recipe_hash(recipe),
@@ -84,11 +84,39 @@ def save(
     return final
 
 
-def save_adapter(accelerator, model, out: Path, state_dict: dict | None = None) -> None:
+def save_adapter(accelerator, model, out: Path, state_dict: dict | None = None, initial: Path | None = None) -> None:
     """The consolidated adapter, written by the caller's rank (rank 0). `state_dict`: from `trainable_state_dict`
-    (exact under DeepSpeed); None saves the unwrapped module's own weights (exact only without DeepSpeed)."""
+    (exact under DeepSpeed); None saves the unwrapped module's own weights (exact only without DeepSpeed).
+
+    `initial`: the PiSSA/OLoRA adapter as initialised (`save_initial_adapter`); the adapter is then converted by peft
+    (`path_initial_model_for_weight_conversion`: A' = [A; A0], B' = [B, -B0], rank 2r) into one that applies to the
+    ORIGINAL base weights. peft computes it from the module's weights (the state_dict cannot carry the initial
+    adapter), which are the fp32 masters without DeepSpeed; PiSSA/OLoRA are refused under DeepSpeed (train.py)."""
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
+    if initial is None:
+        unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
+        return
+    was_training = unwrapped.training
+    unwrapped.save_pretrained(str(out), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial))
+    unwrapped.train(was_training)
+
+
+def save_initial_adapter(model, folder: Path) -> None:
+    """Write the just-initialised PiSSA/OLoRA adapter to `folder` (peft's recipe: saved with init_lora_weights=True,
+    so that loading it later does not decompose the residual base again)."""
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        model.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+
+
+def initial_adapter_of(run_dir: Path) -> Path | None:
+    """RUN_DIR/initial_adapter when the run has one (PiSSA/OLoRA), else None."""
+    folder = RunDir(run_dir).initial_adapter
+    return folder if (folder / "adapter_config.json").is_file() else None
 
 
 def is_peft(accelerator, model) -> bool:
@@ -299,6 +327,7 @@ BREAKING = [
     "data.split_seed",
     "data.hub_split",
     "train.optimizer",
+    "train.loraplus_lr_ratio",  # the optimizer's param groups and their learning-rate ratios are in its state
 ]
 
 
@@ -328,13 +357,26 @@ def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
     return breaking, harmless
 
 
+def with_defaults(raw: dict) -> dict:
+    """A checkpoint's recipe with the keys it lacks (added to the recipe after it was written) at their defaults,
+    which is what they were when it was written."""
+    from trainer.config import to_dict
+
+    defaults = to_dict(Recipe())
+    out = dict(raw)
+    for section, values in defaults.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            out[section] = {**values, **raw[section]}
+    return out
+
+
 def check_compatible(ckpt: Path, recipe: Recipe) -> list[str]:
     """Raise UserError if the recipe changed in a way the checkpoint cannot follow; return harmless changes."""
     import yaml
 
     from trainer.config import to_dict
 
-    old = yaml.safe_load((ckpt / "config.yaml").read_text())
+    old = with_defaults(yaml.safe_load((ckpt / "config.yaml").read_text()))
     breaking, harmless = recipe_differences(old, to_dict(recipe))
     if breaking:
         raise UserError(

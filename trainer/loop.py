@@ -14,7 +14,7 @@ from trainer import checkpoint
 from trainer.config import Recipe
 from trainer.data import IGNORE, collate, count_targets
 from trainer.flops import FlopsMeter
-from trainer.loss import dataset_loss, token_loss_sum
+from trainer.loss import dataset_loss, token_loss_stats
 from trainer.optim import lr_at, set_lr
 from trainer.run_dir import RunDir
 from trainer.state import TrainState, epoch_order, step_rows
@@ -86,14 +86,15 @@ def train_step(
     local = torch.tensor(float(sum(count_targets(b["labels"]) for b in batches)), dtype=torch.float64, device=device)
     n_targets = accelerator.reduce(local, reduction="sum").item()
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(n_targets, 1.0)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correctly predicted targets
     for batch in batches:
         batch = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")}
         with accelerator.accumulate(model), accelerator.autocast():
-            step_loss, _ = token_loss_sum(model, batch, chunked_loss)
+            step_loss, _, correct = token_loss_stats(model, batch, chunked_loss)
             accelerator.backward(step_loss * scale)
-        loss_sum += step_loss.detach().double()
-    loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(n_targets, 1.0)
+        sums += torch.stack([step_loss.detach().double(), correct.double()])
+    loss_sum, correct = accelerator.reduce(sums, reduction="sum").tolist()
+    loss, token_accuracy = loss_sum / max(n_targets, 1.0), correct / max(n_targets, 1.0)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     grad_norm = float(grad_norm) if grad_norm is not None else _engine_grad_norm(model)
@@ -101,7 +102,13 @@ def train_step(
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm, "finite": finite, "targets": n_targets}
+    return {
+        "loss": loss,
+        "token_accuracy": token_accuracy,
+        "grad_norm": grad_norm,
+        "finite": finite,
+        "targets": n_targets,
+    }
 
 
 def _engine_grad_norm(model) -> float:
@@ -172,7 +179,7 @@ def train(
             window.add(counts, out["targets"], dt)
             meter.add(counts["tokens"], counts["len_sq"], dt)
             state.wall_time = wall_at_start + time.perf_counter() - session_start
-            last = {"loss": out["loss"], "grad_norm": out["grad_norm"]}
+            last = {"loss": out["loss"], "token_accuracy": out["token_accuracy"], "grad_norm": out["grad_norm"]}
             tracker.advance(state.step)
             is_last = state.step == plan.total_steps
             if state.step % t.log_every == 0 or is_last:
@@ -238,6 +245,7 @@ def _train_metrics(state: TrainState, out: dict, window: Window, meter: FlopsMet
     return {
         "epoch": state.epoch,
         "loss": out["loss"],
+        "token_accuracy": out["token_accuracy"],
         "lr": lr_at(state.step - 1, t, plan.total_steps),
         "grad_norm": out["grad_norm"],
         "tokens_per_s": window.tokens / window.time,
@@ -264,8 +272,9 @@ def _validate(model, val_rows, t, accelerator, pad_id: int, state: TrainState, t
         reduce=lambda x: accelerator.reduce(x, reduction="sum"),
         max_batches=t.max_eval_batches,
     )
-    tracker.log(state.step, {"epoch": state.epoch, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
-    return {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}
+    metrics = {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"], "eval_token_accuracy": ev["token_accuracy"]}
+    tracker.log(state.step, {"epoch": state.epoch, **metrics})
+    return metrics
 
 
 def _check_finite(out: dict, state: TrainState, sample_ids: list[int], world: int, tracker, max_bad_steps: int):
@@ -303,8 +312,30 @@ def advance(state: TrainState, plan: Plan, *, samples: int, tokens: int, targets
 
 
 def peak_memory_gib() -> float:
+    """Peak memory since `reset_peak_memory`: CUDA memory allocated by torch, else the process's peak resident set
+    (Linux VmHWM; ru_maxrss where /proc is missing, which cannot be reset)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def reset_peak_memory() -> None:
+    """Start `peak_memory_gib` afresh (a sweep trains several runs in one process): CUDA's peak counter, and on
+    Linux the peak resident set (writing 5 to /proc/self/clear_refs, Linux >= 4.0)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass

@@ -1,18 +1,25 @@
-"""Metrics out: CSV, TensorBoard scalars and a rich progress bar. Built on rank 0 only (`make_tracker`
-returns a no-op elsewhere), so no other module has to ask which rank it is on before logging."""
+"""Metrics out: metrics.csv (ours), the trackers of `train.report_to` (TensorBoard, W&B, MLflow, trackio, through
+accelerate's tracker classes) and a rich progress bar. Built on rank 0 only (`make_tracker` returns a no-op
+elsewhere), so no other module has to ask which rank it is on before logging."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 from pathlib import Path
 
+from trainer.errors import UserError
 from trainer.run_dir import RunDir
+
+OPTIONAL_TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+"""Tracker -> the package it needs, installed by the `track` extra (`pip install 'trainer[track]'`)."""
 
 CSV_FIELDS = [
     "step",
     "epoch",
     "loss",
+    "token_accuracy",
     "lr",
     "grad_norm",
     "tokens_per_s",
@@ -24,12 +31,14 @@ CSV_FIELDS = [
     "elapsed_s",
     "eval_loss",
     "eval_ppl",
+    "eval_token_accuracy",
     "skipped",
     "tflops",
     "mfu",
 ]  # model TFLOP/s per device; MFU only where the device's peak is known
 TB_NAMES = {
     "loss": "train/loss",
+    "token_accuracy": "train/token_accuracy",
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
     "tokens_per_s": "train/tokens_per_s",
@@ -37,23 +46,96 @@ TB_NAMES = {
     "mem_gib": "memory/peak_gib",
     "eval_loss": "eval/loss",
     "eval_ppl": "eval/ppl",
+    "eval_token_accuracy": "eval/token_accuracy",
     "tflops": "perf/model_tflops",
     "mfu": "perf/mfu",
 }
 
 
-class Tracker:
-    def __init__(self, run: RunDir, total_steps: int, start_step: int, show_progress: bool = True):
-        from torch.utils.tensorboard import SummaryWriter
+def check_report_to(report_to) -> None:
+    """UserError (one line) when a tracker of `report_to` needs a package that is not installed. Called before
+    anything heavy loads."""
+    for name in report_to:
+        package = OPTIONAL_TRACKERS.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"train.report_to: {name} needs the `{package}` package, which is not installed; "
+                f"install the extra: pip install 'trainer[track]' (or remove {name} from train.report_to)"
+            )
 
-        self.csv_path = run.metrics
-        keep_rows_up_to(self.csv_path, start_step)  # a resumed run rewrites what came after its checkpoint
-        new = not self.csv_path.exists()
-        self._csv_file = self.csv_path.open("a", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            self._csv.writeheader()
-        self.tb = SummaryWriter(str(run.tensorboard), purge_step=start_step or None)
+
+def accelerate_trackers(report_to, run: RunDir, start_step: int) -> list:
+    """accelerate's tracker objects for `report_to` (csv excluded: ours), not started yet.
+
+    Names: the run name is the run folder's name, the project (W&B, trackio) / experiment (MLflow) its parent
+    folder's name (`runs/sweep/lora.r=4` -> project `sweep`, run `lora.r=4`); WANDB_PROJECT and
+    MLFLOW_EXPERIMENT_NAME override the project. TensorBoard writes RUN_DIR/tensorboard (a resumed run purges the
+    events after its checkpoint's step), W&B RUN_DIR/wandb; MLflow's store is MLFLOW_TRACKING_URI (mlflow's default
+    otherwise), trackio's its own.
+    """
+    import os
+
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
+
+    check_report_to(report_to)
+    root = run.root.resolve()
+    name, project = root.name, root.parent.name or "trainer"
+    out = []
+    for kind in report_to:
+        if kind == "tensorboard":
+            out.append(TensorBoardTracker(run.tensorboard.name, str(run.root), purge_step=start_step or None))
+        elif kind == "wandb":
+            out.append(WandBTracker(os.environ.get("WANDB_PROJECT", project), name=name, dir=str(run.root)))
+        elif kind == "mlflow":
+            out.append(MLflowTracker(experiment_name=project, run_name=name))
+        elif kind == "trackio":
+            out.append(TrackioTracker(project, name=name))
+    return out
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    """A nested recipe dict as one level of `section.key` -> bool/int/float/str (lists and mappings as YAML flow
+    text, None as "null"): what every tracker accepts as hyperparameters."""
+    import yaml
+
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "columns":
+            out.update(flat_hparams(value, f"{prefix}{key}."))
+        elif value is None:
+            out[prefix + key] = "null"
+        elif isinstance(value, (bool, int, float, str)):
+            out[prefix + key] = value
+        else:
+            out[prefix + key] = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return out
+
+
+class Tracker:
+    def __init__(
+        self,
+        run: RunDir,
+        total_steps: int,
+        start_step: int,
+        show_progress: bool = True,
+        report_to=("tensorboard", "csv"),
+        hparams: dict | None = None,
+    ):
+        self.csv_path = run.metrics if "csv" in report_to else None
+        if self.csv_path is not None:
+            keep_rows_up_to(self.csv_path, start_step)  # a resumed run rewrites what came after its checkpoint
+            new = not self.csv_path.exists()
+            self._csv_file = self.csv_path.open("a", newline="")
+            self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if new:
+                self._csv.writeheader()
+        # accelerate's trackers; the hyperparameters once per session (not to TensorBoard, whose hparams plugin
+        # adds two timestamped folders per call: the recipe is config.yaml beside it)
+        self.trackers = accelerate_trackers(report_to, run, start_step)
+        for tracker in self.trackers:
+            tracker.start()
+            if hparams and tracker.name != "tensorboard":
+                tracker.store_init_configuration(hparams)
         self.progress = None
         if show_progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -69,13 +151,18 @@ class Tracker:
             self.progress.start()
 
     def log(self, step: int, metrics: dict) -> None:
-        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
-        self._csv.writerow({"step": step, **row})
-        self._csv_file.flush()
+        if self.csv_path is not None:
+            row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+            self._csv.writerow({"step": step, **row})
+            self._csv_file.flush()
+        named = {}
         for key, name in TB_NAMES.items():
             value = metrics.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(name, value, step)
+                named[name] = value
+        for tracker in self.trackers:
+            if named:
+                tracker.log(named, step=step)
         if self.progress is not None and "loss" in metrics:
             self.progress.update(
                 self.task,
@@ -99,8 +186,10 @@ class Tracker:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-        self.tb.close()
-        self._csv_file.close()
+        for tracker in self.trackers:
+            tracker.finish()
+        if self.csv_path is not None:
+            self._csv_file.close()
 
 
 class NullTracker:
@@ -117,18 +206,33 @@ class NullTracker:
         pass
 
 
-def make_tracker(is_main: bool, run: RunDir, total_steps: int, start_step: int, show_progress: bool = True):
-    """The Tracker on rank 0, a no-op elsewhere."""
-    return Tracker(run, total_steps, start_step, show_progress) if is_main else NullTracker()
+def make_tracker(
+    is_main: bool,
+    run: RunDir,
+    total_steps: int,
+    start_step: int,
+    show_progress: bool = True,
+    report_to=("tensorboard", "csv"),
+    hparams: dict | None = None,
+):
+    """The Tracker on rank 0 (metrics.csv when `report_to` has csv, accelerate's trackers for the rest, the
+    hyperparameters `hparams` logged once), a no-op elsewhere: only rank 0 logs."""
+    if not is_main:
+        return NullTracker()
+    return Tracker(run, total_steps, start_step, show_progress, report_to, hparams)
 
 
 def keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop rows after `step` (a resume redoes them); rewrite the header when it is not `CSV_FIELDS` (a run started
+    by an older version: its columns keep their values by name, new columns stay empty)."""
     if not path.exists():
         return
     with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        header = reader.fieldnames
     kept = [r for r in rows if r.get("step") and int(r["step"]) <= step]
-    if len(kept) == len(rows):
+    if len(kept) == len(rows) and header == CSV_FIELDS:
         return
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")

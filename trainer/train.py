@@ -13,23 +13,25 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
-from trainer.config import Recipe, dump_yaml
+from trainer.config import Recipe, dump_yaml, to_dict
 from trainer.data import describe, prepare_data
-from trainer.distributed import build_accelerator, main_first, world_info
+from trainer.distributed import build_accelerator, is_deepspeed, main_first, world_info
 from trainer.dtypes import MIXED_PRECISION
 from trainer.errors import UserError
-from trainer.loop import PREEMPTED_EXIT, NonFiniteLoss, make_plan, peak_memory_gib, train
-from trainer.model import build_model
+from trainer.loop import PREEMPTED_EXIT, NonFiniteLoss, make_plan, peak_memory_gib, reset_peak_memory, train
+from trainer.model import CONVERTED_INITS, build_model, count_parameters
 from trainer.optim import build_optimizer
 from trainer.run_dir import RunDir, move_aside
 from trainer.state import TrainState
 from trainer.tokenizer import run_tokenizer, save_tokenizer
-from trainer.tracking import make_tracker
+from trainer.tracking import check_report_to, flat_hparams, make_tracker
 
 
 def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_progress: bool = True) -> dict:
     """Train per the recipe; returns run_summary (also written to RUN_DIR/run_summary.json on rank 0)."""
     started = time.perf_counter()
+    reset_peak_memory()  # this run's peak, also when a sweep trains several runs in one process
+    check_report_to(recipe.train.report_to)  # a missing tracker package: one line, before anything loads
     accelerator = _setup_accelerator(recipe)
     log = _logger(accelerator)
     run = RunDir(recipe.output_dir)
@@ -37,7 +39,7 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
     torch.manual_seed(recipe.train.seed)
     tokenizer = run_tokenizer(recipe.model.name_or_path)  # pad token and chat template decided once, here
     data, data_prepare_s = _setup_data(recipe, tokenizer, accelerator, log)
-    model, optimizer, model_load_s = _setup_model(recipe, accelerator, log)
+    model, optimizer, model_load_s, params = _setup_model(recipe, accelerator, run, log)
     state = TrainState(data_seed=recipe.train.seed)
     if ckpt is not None:
         state = checkpoint.load(accelerator, ckpt)
@@ -46,7 +48,15 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
     if accelerator.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
         run.config.write_text(dump_yaml(recipe))
-    tracker = make_tracker(accelerator.is_main_process, run, plan.total_steps, state.step, show_progress)
+    tracker = make_tracker(
+        accelerator.is_main_process,
+        run,
+        plan.total_steps,
+        state.step,
+        show_progress,
+        report_to=recipe.train.report_to,
+        hparams=flat_hparams(to_dict(recipe)),
+    )
     info = world_info(accelerator)
     log(
         f"train: {plan.total_steps} steps of {plan.rows_per_step} rows ({plan.steps_per_epoch} per epoch), "
@@ -59,8 +69,9 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
         raise UserError(str(err)) from None
     finally:
         tracker.close()
+    saved = {}
     if not last.get("preempted"):
-        _save_final(accelerator, model, tokenizer, run)  # every rank: the adapter is gathered collectively
+        saved = _save_final(accelerator, model, tokenizer, run)  # every rank: the adapter is gathered collectively
     summary = _summary(
         accelerator,
         state,
@@ -70,6 +81,8 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
         started=started,
         model_load_s=model_load_s,
         data_prepare_s=data_prepare_s,
+        params=params,
+        saved=saved,
     )
     if summary.get("mfu") is not None:
         log(
@@ -94,16 +107,32 @@ def _setup_data(recipe: Recipe, tokenizer, accelerator, log):
     return data, seconds
 
 
-def _setup_model(recipe: Recipe, accelerator, log):
-    """(model, optimizer) prepared by accelerate, with the checkpoint hooks installed, and the load seconds."""
+def _setup_model(recipe: Recipe, accelerator, run: RunDir, log):
+    """(model, optimizer) prepared by accelerate, with the checkpoint hooks installed, the load seconds, and the
+    parameter counts {"trainable_params", "total_params", "trainable_share"} (4-bit weights count 2 per byte).
+
+    PiSSA / OLoRA change the base weights when they initialise the adapter: that initial adapter is written to
+    RUN_DIR/initial_adapter (rank 0; the same every time, the SVD/QR of the same weights) so that every adapter saved
+    later is converted into one for the original base (`checkpoint.save_adapter`)."""
+    if recipe.lora is not None and recipe.lora.init in CONVERTED_INITS and is_deepspeed(accelerator):
+        raise UserError(
+            f"lora.init={recipe.lora.init} is not supported under DeepSpeed (its adapter conversion reads the "
+            "module's weights, which ZeRO keeps in partitions); launch without DeepSpeed or use lora.init=default"
+        )
+    if recipe.lora is not None and recipe.lora.init == "loftq" and recipe.model.quantization != "nf4":
+        raise UserError("lora.init=loftq needs model.quantization: nf4")
     t0 = time.perf_counter()
     model = build_model(recipe.model, recipe.lora, device_map=_device_map(recipe, accelerator), log=log)
     seconds = time.perf_counter() - t0
+    if recipe.lora is not None and recipe.lora.init in CONVERTED_INITS and accelerator.is_main_process:
+        checkpoint.save_initial_adapter(model, run.initial_adapter)
     log(f"model: loaded in {seconds:.1f} s")
+    trainable, total = count_parameters(model)
+    params = {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1)}
     optimizer = build_optimizer(model, recipe.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpoint.install_trainable_only_hook(accelerator)
-    return model, optimizer, seconds
+    return model, optimizer, seconds, params
 
 
 def _summary(
@@ -116,8 +145,12 @@ def _summary(
     started: float,
     model_load_s: float,
     data_prepare_s: float,
+    params: dict,
+    saved: dict,
 ) -> dict:
-    """run_summary.json: where the run ended, throughput of this session, timings, final losses and FLOP rates."""
+    """run_summary.json: where the run ended, throughput of this session, timings, final losses and FLOP rates,
+    parameter counts, and the bytes of the saved weights (`adapter_bytes`: the adapter's safetensors; `model_bytes`:
+    a full fine-tune's; null when the run was preempted before its final save)."""
     return {
         **world_info(accelerator),
         "steps": state.step,
@@ -132,8 +165,13 @@ def _summary(
         "steps_this_session": state.step - before["step"],
         "peak_mem_gib": round(peak_memory_gib(), 3),
         "final_loss": last.get("loss"),
+        "final_token_accuracy": last.get("token_accuracy"),
         "final_eval_loss": last.get("eval_loss"),
         "final_eval_ppl": last.get("eval_ppl"),
+        "final_eval_token_accuracy": last.get("eval_token_accuracy"),
+        **params,
+        "adapter_bytes": saved.get("adapter_bytes"),
+        "model_bytes": saved.get("model_bytes"),
         "data": data_stats,
         "preempted": bool(last.get("preempted")),
         "model_load_s": round(model_load_s, 3),
@@ -217,19 +255,22 @@ def _device_map(recipe: Recipe, accelerator):
     return {"": accelerator.device.index if accelerator.device.type == "cuda" else "cpu"}
 
 
-def _save_final(accelerator, model, tokenizer, run: RunDir) -> None:
-    """Every rank calls it (under DeepSpeed the adapter's fp32 weights are gathered collectively); rank 0 writes."""
+def _save_final(accelerator, model, tokenizer, run: RunDir) -> dict:
+    """Every rank calls it (under DeepSpeed the adapter's fp32 weights are gathered collectively); rank 0 writes.
+    Returns {"adapter_bytes": n} or {"model_bytes": n}: the saved safetensors' bytes ({} on other ranks)."""
     unwrapped = accelerator.unwrap_model(model)
     adapter = checkpoint.trainable_state_dict(accelerator, model) if checkpoint.is_peft(accelerator, model) else None
     if not accelerator.is_main_process:
-        return
+        return {}
     if adapter is not None:
         out = run.adapter
-        checkpoint.save_adapter(accelerator, model, out, adapter)
+        checkpoint.save_adapter(accelerator, model, out, adapter, initial=checkpoint.initial_adapter_of(run.root))
     else:
         out = run.model
         unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=accelerator.get_state_dict(model))
     save_tokenizer(tokenizer, out)  # the exact tokenizer and chat template used in training
+    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return {"adapter_bytes" if adapter is not None else "model_bytes": weights}
 
 
 def _logger(accelerator):
