@@ -135,7 +135,9 @@ def trainable_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     if deepspeed:
         from deepspeed.utils import safe_get_full_fp32_param
     out = {}
-    for name, param in accelerator.unwrap_model(model).named_parameters():
+    # remove_duplicate=False: a tied trainable weight (lm_head/embed_tokens in modules_to_save) under each of its
+    # names, as peft's adapter saving looks up both
+    for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
         if not param.requires_grad:
             continue
         full = safe_get_full_fp32_param(param) if deepspeed else None

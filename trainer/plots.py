@@ -62,11 +62,10 @@ def series(metrics: list[dict], column: str) -> list[tuple[int, float]]:
     return out
 
 
-def plot_runs(
-    lines: dict[str, list[tuple[int, float]]], png_path: Path, *, title: str, ylabel: str, log_ratio: float = 10.0
-) -> Path:
+def runs_figure(lines: dict[str, list[tuple[int, float]]], *, title: str, ylabel: str, log_ratio: float = 10.0):
     """Every run's (step, value) line on one pair of axes (shared scales): labelled axes, a legend, integer step
-    ticks, log y when the values span more than `log_ratio`, markers when a line has few points."""
+    ticks, log y when the values span more than `log_ratio`, markers when a line has few points. Returns the figure
+    (the caller saves and closes it)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     values = []
@@ -86,9 +85,17 @@ def plot_runs(
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(
+    lines: dict[str, list[tuple[int, float]]], png_path: Path, *, title: str, ylabel: str, log_ratio: float = 10.0
+) -> Path:
+    """`runs_figure` saved as a PNG."""
+    fig = runs_figure(lines, title=title, ylabel=ylabel, log_ratio=log_ratio)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return png_path
 
 
