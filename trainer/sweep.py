@@ -308,7 +308,14 @@ def run_sweep(
     ran = [p.run_dir for p in points if p.status in ("done", "trained")]
     if main and ran:
         from trainer.compare import compare_runs
+        from trainer.plots import plot_metrics
+        from trainer.run_dir import RunDir
+        from trainer.tracking import read_metrics
 
+        for run_dir in ran:  # each point's own curves (plots/loss.png, eval_ppl.png, lr.png), titled with its name
+            run = RunDir(run_dir)
+            if run.metrics.is_file():
+                plot_metrics(read_metrics(run.metrics), run.plots, run.root.name)
         compare_runs(ran, folder / "compare", log=say)
     record = _write_record(folder, record, points, started) if main else record
     say(f"sweep: {len(ran)} of {len(points)} point(s) finished in {time.perf_counter() - started:.1f} s")

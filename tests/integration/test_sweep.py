@@ -260,3 +260,44 @@ def test_a_failed_point_is_recorded_and_the_others_still_run(recipe, tmp_path, m
         ("lora.r=8", "failed"),
         ("lora=null", "trained"),
     ]
+
+
+@pytest.mark.slow
+def test_a_sweep_under_accelerate_launch_runs_every_point_under_it(recipe, tmp_path):
+    """2 processes, DDP over gloo: both points train with world_size 2 (accelerate's state is reset between points,
+    its process group kept), rank 0 alone logs, writes the record and the comparison."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "accelerate_configs/cpu_gloo_ddp.yaml",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "trainer",
+        "sweep",
+        str(recipe),
+        "lora.r=4,8",
+        "--runs-root",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    e = {k: v for k, v in env().items() if k not in ("MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU")}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=e)
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    text = out.stdout + out.stderr
+    for name in ("lora.r=4", "lora.r=8"):
+        summary = json.loads((tmp_path / "sums" / name / "run_summary.json").read_text())
+        assert (summary["world_size"], summary["distributed_type"], summary["steps"]) == (2, "MULTI_CPU", 4)
+        assert text.count(f"] {name}: ") == 1  # one log line per point: rank 0's
+    assert text.count("compare: wrote") == 1
+    with (tmp_path / "sums" / "compare" / "compare.csv").open(newline="") as fh:
+        assert [r["run"] for r in csv.DictReader(fh)] == ["lora.r=4", "lora.r=8"]
