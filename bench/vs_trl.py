@@ -2,6 +2,7 @@
 
     python bench/vs_trl.py                      # SmolLM2-135M-Instruct from the demo cache, 200 Alpaca rows
     python bench/vs_trl.py --rows 50 --tiny     # a tiny random Llama: checks the harness in a minute
+    python bench/vs_trl.py --data launch/data/synthetic_alpaca_1k.json   # without ../shared/data (see --data)
     python bench/vs_trl.py --no-gc              # both tools without gradient checkpointing
     python bench/vs_trl.py --repeat 2           # two interleaved rounds (A B C A B C); the table shows medians
 
@@ -18,7 +19,12 @@ checkpointing on (off with --no-gc), loss on the assistant reply only. TRL gets 
 prompt/completion dataset (its completion-only loss), rendered with the same chat template as ours, so the
 trained tokens are the same. Caches start cold for both (a fresh TRAINER_CACHE and HF_DATASETS_CACHE per run).
 
-After training, one more subprocess (not timed) measures every run's adapter on the same held-out Alpaca rows
+Data: the first --rows rows of an Alpaca-format JSON array (--data; default ../shared/data/alpaca_1k.json, the
+first 1000 rows of Stanford Alpaca, which lives beside the checkout and is not part of it: CC BY-NC 4.0). Without it,
+pass --data, e.g. the project's own synthetic file launch/data/synthetic_alpaca_1k.json (figures then differ from
+the README's, which were measured on Alpaca).
+
+After training, one more subprocess (not timed) measures every run's adapter on the same held-out rows
 (the last --eval-rows of the file, never trained on) with the same code: the loss that says whether a faster run
 learned as much. Results: bench/results/vs_trl-<timestamp>.json and .md.
 """
@@ -63,10 +69,10 @@ def alpaca_to_messages(row: dict) -> list[dict]:
     return row_to_messages(row, "alpaca", {}, "alpaca")
 
 
-def write_inputs(work: Path, rows: int, eval_rows: int) -> tuple[Path, Path]:
-    data = json.loads(ALPACA.read_text())
+def write_inputs(work: Path, source: Path, rows: int, eval_rows: int) -> tuple[Path, Path]:
+    data = json.loads(source.read_text())
     if rows + eval_rows > len(data):
-        raise SystemExit(f"--rows {rows} + --eval-rows {eval_rows} > {len(data)} rows in {ALPACA}")
+        raise SystemExit(f"--rows {rows} + --eval-rows {eval_rows} > {len(data)} rows in {source}")
     train, held_out = work / "train.json", work / "heldout.json"
     train.write_text(json.dumps(data[:rows]))
     held_out.write_text(json.dumps(data[len(data) - eval_rows :] if eval_rows else []))
@@ -509,7 +515,14 @@ def ratio_table(rat: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="HF model folder (default: SmolLM2-135M-Instruct from the demo cache)")
-    p.add_argument("--rows", type=int, default=200, help="first N Alpaca rows to train on (default 200)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=ALPACA,
+        help="Alpaca-format JSON array to train and score on (default ../shared/data/alpaca_1k.json, "
+        "beside the checkout; launch/data/synthetic_alpaca_1k.json is the project's own)",
+    )
+    p.add_argument("--rows", type=int, default=200, help="first N rows of --data to train on (default 200)")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama + locally trained tokenizer")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
     p.add_argument("--no-gc", dest="gc", action="store_false", help="gradient checkpointing off for every tool")
@@ -538,6 +551,11 @@ def main(argv=None) -> int:
         kind, cfg = args.worker
         {"trl": trl_worker, "eval": eval_worker}[kind](cfg)
         return 0
+    if not args.data.is_file():
+        raise SystemExit(
+            f"bench/vs_trl.py: data file {args.data} not found; pass --data PATH (an Alpaca-format JSON "
+            "array), e.g. --data launch/data/synthetic_alpaca_1k.json"
+        )
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = set(tools) - set(TOOLS)
     if unknown:
@@ -557,7 +575,7 @@ def main(argv=None) -> int:
             from trainer.demo_model import ensure_smollm2
 
             model = ensure_smollm2()
-        train_json, held_out = write_inputs(work, args.rows, args.eval_rows)
+        train_json, held_out = write_inputs(work, args.data, args.rows, args.eval_rows)
         info = machine()
         print(
             f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads)"
@@ -593,6 +611,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         settings = {
+            "data": str(args.data),
             "rows": args.rows,
             "tiny": args.tiny,
             "model": str(model),
@@ -637,7 +656,8 @@ def report_md(settings, info, results, evals, rat) -> str:
             f"transformers {info['transformers']}, peft {info['peft']}, accelerate {info['accelerate']}, "
             f"TRL {info['trl']}. Load (1-min average) before -> after each run in the last column.",
             "",
-            f"Run: {model}, first {settings['rows']} Alpaca rows, max length {settings['max_len']}, {settings['dtype']}, "
+            f"Run: {model}, first {settings['rows']} rows of {Path(settings['data']).name}, "
+            f"max length {settings['max_len']}, {settings['dtype']}, "
             f"LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} all-linear, batch 8 (micro 8 x accum 1),"
             f" lr 2e-4 cosine, no warmup, 1 epoch, gradient checkpointing {gc}, loss on replies only"
             + (f", median of {settings['repeat']} interleaved rounds" if settings["repeat"] > 1 else "")

@@ -6,6 +6,9 @@ Layout of `RUN_DIR/checkpoints/step-N/`:
   adapter/             the consolidated PEFT adapter (LoRA runs), loadable without DeepSpeed
   trainer_state.json   TrainState (step, epoch, cursor, samples/tokens seen, data seed)
   rng/rank-R.json      python, numpy, torch (and CUDA) RNG of every rank, as JSON: nothing pickled
+  full_optimizer.safetensors   DeepSpeed runs: the ZeRO state made whole (fp32 master weights, AdamW moments and
+                       step of every trainable tensor, by name), what a resume on another number of processes or
+                       without DeepSpeed loads (see "Resume on another topology" below)
   config.yaml          the resolved recipe; its hash is in trainer_state.json
   manifest.json        size and sha256 of every file above; written last, before the rename
 
@@ -13,6 +16,23 @@ Loading never unpickles anything we did not write: tensors are safetensors; acce
 torch.load(weights_only=True); a file that the manifest does not list (e.g. a planted *.pkl) makes the checkpoint
 fail `verify`. Only DeepSpeed's own loader (ZeRO checkpoints) uses weights_only=False; the manifest's sha256
 guards those files against corruption, not against someone who can also rewrite manifest.json.
+
+Resume on another topology
+--------------------------
+Without DeepSpeed the optimizer state in `accelerate/` is whole (rank 0 writes it; DDP ranks are replicas), so it
+loads on any number of processes. DeepSpeed's ZeRO state is cut into one flat partition per rank; DeepSpeed itself
+reloads it only at the same world size (its elastic path refills the fp32 masters from the low-precision weights,
+and its universal checkpoint needs an offline `ds_to_universal` pass over every rank's files, pickled). Instead
+every DeepSpeed save also writes `full_optimizer.safetensors`: each trainable tensor's fp32 master and AdamW
+moments, gathered whole with DeepSpeed's tensor-fragment API (`safe_get_full_fp32_param`,
+`safe_get_full_optimizer_state`, the same collectives `trainable_state_dict` uses), and the AdamW step. A resume
+on another number of processes, or without DeepSpeed, cuts those tensors into the new partitions
+(`safe_set_full_fp32_param` / `safe_set_full_optimizer_state`, after creating the flat AdamW state the way
+DeepSpeed's own universal loader does) or hands them to torch's AdamW; a non-DeepSpeed checkpoint resumed under
+DeepSpeed is read from accelerate's files the same way. Every value is copied, never recomputed: the state
+after loading is bit for bit the state that was saved. It is written for `train.optimizer: adamw` (8-bit states
+are quantized per block of the flat partition and do not survive a new cut) and at most
+`FULL_STATE_MAX_PARAMS` trainable parameters (rank 0 holds the whole state in host memory while writing it).
 """
 
 from __future__ import annotations
@@ -35,6 +55,11 @@ from trainer.run_dir import RunDir
 from trainer.state import TrainState
 
 PREFIX = "step-"
+FULL_OPTIMIZER = "full_optimizer.safetensors"
+FULL_STATE_MAX_PARAMS = 500_000_000
+"""Largest trainable parameter count whose whole optimizer state a DeepSpeed save writes (12 bytes per parameter:
+6 GB at the cap; a 7B LoRA of rank 64 on every linear layer has 160M)."""
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -45,7 +70,8 @@ def checkpoints_dir(run_dir: Path) -> Path:
 def save(
     accelerator, model, run_dir: Path, state: TrainState, recipe: Recipe, extra_state: dict | None = None, log=print
 ) -> Path:
-    """Called on every rank. Returns the final checkpoint folder."""
+    """Called on every rank. Returns the final checkpoint folder. Under DeepSpeed the whole optimizer state is also
+    written (FULL_OPTIMIZER) when `writes_full_state` says so."""
     t0 = time.perf_counter()
     root = checkpoints_dir(run_dir)
     final = root / f"{PREFIX}{state.step}"
@@ -57,11 +83,16 @@ def save(
     accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True, **_save_kwargs(accelerator))
     _write_json(tmp / "rng" / f"rank-{accelerator.process_index}.json", rng_state())
     adapter = trainable_state_dict(accelerator, model) if is_peft(accelerator, model) else None  # every rank
+    full = full_optimizer_state(accelerator, model) if writes_full_state(accelerator, model, recipe) else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _drop_accelerate_pickles(tmp / "accelerate")
         if adapter is not None:
             save_adapter(accelerator, model, tmp / "adapter", adapter, initial=initial_adapter_of(run_dir))
+        if full is not None:
+            from safetensors.torch import save_file
+
+            save_file(full, str(tmp / FULL_OPTIMIZER), metadata={"format": "trainer-full-optimizer-1"})
         state_dict = {
             **state.to_dict(),
             "recipe_hash": recipe_hash(recipe),
@@ -143,6 +174,42 @@ def trainable_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
         full = safe_get_full_fp32_param(param) if deepspeed else None
         if accelerator.is_main_process:
             out[name] = (param if full is None else full).detach().to("cpu", torch.float32, copy=True)
+    return out
+
+
+def writes_full_state(accelerator, model, recipe: Recipe) -> bool:
+    """Whether a save writes FULL_OPTIMIZER: under DeepSpeed, with torch AdamW, up to FULL_STATE_MAX_PARAMS
+    trainable parameters (the same answer on every rank)."""
+    if not is_deepspeed(accelerator) or recipe.train.optimizer != "adamw":
+        return False
+    unwrapped = accelerator.unwrap_model(model)
+    return sum(p.numel() for p in unwrapped.parameters() if p.requires_grad) <= FULL_STATE_MAX_PARAMS
+
+
+def full_optimizer_state(accelerator, model) -> dict[str, torch.Tensor]:
+    """The whole ZeRO optimizer state of the trainable tensors, fp32, on CPU, on rank 0 ({} elsewhere): for each
+    parameter name N, `master/N` (fp32 master weight), `exp_avg/N`, `exp_avg_sq/N` (AdamW moments) and `step/N`
+    (AdamW step count, shape [1]). Call it on EVERY rank of a DeepSpeed ZeRO-1/2 run: each tensor is one
+    all-reduce over the data-parallel group. Before the first optimizer step the moments are zeros, step 0."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    zero = model.optimizer  # the engine's DeepSpeedZeroOptimizer
+    stepped = len(zero.optimizer.state) > 0  # AdamW creates its state at the first step, on every rank at once
+    step_of = {}
+    for group, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+        step = zero.optimizer.state[flat]["step"] if stepped else 0.0
+        step_of.update({id(p): float(step) for p in group})
+    out = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if not param.requires_grad:
+            continue
+        master = safe_get_full_fp32_param(param)
+        moments = [safe_get_full_optimizer_state(param, k) if stepped else torch.zeros_like(master) for k in ADAM_KEYS]
+        if accelerator.is_main_process:
+            out[f"master/{name}"] = master.detach().to("cpu", torch.float32, copy=True)
+            for key, value in zip(ADAM_KEYS, moments):
+                out[f"{key}/{name}"] = value.detach().to("cpu", torch.float32, copy=True)
+            out[f"step/{name}"] = torch.tensor([step_of[id(param)]], dtype=torch.float32)
     return out
 
 
@@ -294,14 +361,23 @@ def _write_latest(root: Path, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- resume
-def load(accelerator, ckpt: Path) -> TrainState:
-    """Restore model/optimizer (accelerate), this rank's RNG, and the trainer state. Every rank calls it.
+def load(accelerator, ckpt: Path, model=None, optimizer=None) -> TrainState:
+    """Restore model/optimizer, this rank's RNG, and the trainer state. Every rank calls it.
 
-    DDP checkpoints hold the whole optimizer state (rank 0 writes it, ranks are replicas) and weights under
-    unwrapped names, so they load on any number of processes; the data cursor is global (state.py)."""
-    saved = read_state(ckpt)  # DeepSpeed <-> not, and ZeRO world-size changes: refused by train._setup_resume
-    kwargs = {"load_module_strict": False} if is_deepspeed(accelerator) else {"strict": False}
-    accelerator.load_state(str(ckpt / "accelerate"), **kwargs)
+    Same layout (`same_layout`): accelerate's own loader. DDP checkpoints hold the whole optimizer state (rank 0
+    writes it, ranks are replicas) and weights under unwrapped names, so they load on any number of processes.
+    Another layout (ZeRO on another world size, DeepSpeed <-> not): the whole state by name (`read_full_state`),
+    cut into this launch's layout (`load_full_state`); `model` and `optimizer` (the prepared ones) are needed
+    then. Whether that is possible was decided before anything was loaded (train.resume_topology_problem). The
+    data cursor is global (state.py) in every case."""
+    saved = read_state(ckpt)
+    if same_layout(saved, accelerator):
+        kwargs = {"load_module_strict": False} if is_deepspeed(accelerator) else {"strict": False}
+        accelerator.load_state(str(ckpt / "accelerate"), **kwargs)
+    else:
+        if model is None or optimizer is None:
+            raise ValueError("load: a checkpoint of another layout needs the prepared model and optimizer")
+        load_full_state(accelerator, model, optimizer, read_full_state(ckpt, accelerator.unwrap_model(model)))
     rng_file = ckpt / "rng" / f"rank-{accelerator.process_index}.json"
     if rng_file.exists():
         set_rng_state(json.loads(rng_file.read_text()))
@@ -310,6 +386,113 @@ def load(accelerator, ckpt: Path) -> TrainState:
 
 def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def same_layout(saved: dict, accelerator) -> bool:
+    """Whether accelerate's own loader can restore this checkpoint (its trainer_state.json) on this launch: both
+    without DeepSpeed (any world sizes), or both DeepSpeed on the same number of processes. Checkpoints written
+    before these keys existed are left to accelerate."""
+    if "distributed_type" not in saved:
+        return True
+    was_ds, now_ds = saved["distributed_type"] == "DEEPSPEED", is_deepspeed(accelerator)
+    return was_ds == now_ds and (not was_ds or saved.get("world_size") == accelerator.num_processes)
+
+
+def read_full_state(ckpt: Path, unwrapped) -> dict[str, torch.Tensor]:
+    """The whole optimizer state of `ckpt` by parameter name, in `full_optimizer_state`'s keys: from
+    FULL_OPTIMIZER (DeepSpeed checkpoints) or from accelerate's model.safetensors + optimizer.bin (without
+    DeepSpeed: torch AdamW numbers its state by position in the param groups, which are trainer.optim's, rebuilt
+    here from the same model). UserError when the names or shapes do not match `unwrapped`'s trainable tensors."""
+    from safetensors.torch import load_file
+
+    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    if (ckpt / FULL_OPTIMIZER).is_file():
+        where = ckpt / FULL_OPTIMIZER
+        full = load_file(str(where))
+    else:
+        from trainer.optim import param_groups
+
+        where = ckpt / "accelerate" / "optimizer.bin"
+        weights = load_file(str(ckpt / "accelerate" / "model.safetensors"))
+        saved = torch.load(where, map_location="cpu", weights_only=True)
+        name_of = {id(p): n for n, p in trainable.items()}
+        groups = [[name_of[id(p)] for p in g["params"]] for g in param_groups(unwrapped, 0.0)]
+        if [len(g["params"]) for g in saved["param_groups"]] != [len(g) for g in groups]:
+            raise UserError(f"{where}: its parameter groups do not match the model's; cannot resume from it")
+        full = {}
+        for saved_group, names in zip(saved["param_groups"], groups):
+            for index, name in zip(saved_group["params"], names):
+                if name not in weights:
+                    raise UserError(f"{ckpt / 'accelerate' / 'model.safetensors'}: no tensor {name}")
+                state = saved["state"].get(index, {})
+                full[f"master/{name}"] = weights[name].float()
+                for key in ADAM_KEYS:
+                    full[f"{key}/{name}"] = state[key].float() if key in state else torch.zeros_like(weights[name])
+                full[f"step/{name}"] = torch.tensor([float(state.get("step", 0.0))], dtype=torch.float32)
+    names = {k.split("/", 1)[1] for k in full if k.startswith("master/")}
+    missing, unknown = sorted(set(trainable) - names), sorted(names - set(trainable))
+    if missing or unknown:
+        raise UserError(
+            f"{where}: does not match the model: {len(missing)} trainable tensor(s) missing {missing[:3]}, "
+            f"{len(unknown)} unknown {unknown[:3]}"
+        )
+    for name, param in trainable.items():
+        for key in ("master", *ADAM_KEYS):
+            t = full.get(f"{key}/{name}")
+            if t is None or tuple(t.shape) != tuple(param.shape):
+                raise UserError(
+                    f"{where}: {key}/{name} is missing or has shape {None if t is None else tuple(t.shape)}, "
+                    f"the model's is {tuple(param.shape)}"
+                )
+    return full
+
+
+def _adam_step(value: float, group: dict, device) -> torch.Tensor:
+    # torch AdamW keeps `step` as a float scalar tensor: on CPU, or on the parameter's device when fused/capturable.
+    on_device = bool(group.get("fused") or group.get("capturable"))
+    return torch.tensor(float(value), dtype=torch.float32, device=device if on_device else "cpu")
+
+
+def load_full_state(accelerator, model, optimizer, full: dict[str, torch.Tensor]) -> None:
+    """Put a whole optimizer state (`read_full_state`) into this launch's model and optimizer, on every rank.
+
+    DeepSpeed ZeRO-1/2: each flat fp32 partition gets AdamW state tensors (zeros, then the step), DeepSpeed links
+    its per-parameter fragments to them (as its universal-checkpoint loader does), and `safe_set_full_*` copies
+    this rank's slice of every master weight and moment; the module's (low-precision) weights are the masters cast
+    to their dtype, which is what DeepSpeed's own step leaves them at. Without DeepSpeed: the module's weights are
+    the masters and torch AdamW's per-parameter state is set."""
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        if is_deepspeed(accelerator):
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+            zero = model.optimizer
+            name_of = {id(p): n for n, p in trainable}
+            for i, (group, flat) in enumerate(zip(zero.bit16_groups, zero.single_partition_of_fp32_groups)):
+                steps = {float(full[f"step/{name_of[id(p)]}"]) for p in group}
+                if len(steps) != 1:
+                    raise UserError(f"{FULL_OPTIMIZER}: the tensors of parameter group {i} have different step counts")
+                state = zero.optimizer.state[flat]
+                for key in ADAM_KEYS:
+                    state[key] = torch.zeros_like(flat)
+                state["step"] = _adam_step(steps.pop(), zero.optimizer.param_groups[i], flat.device)
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+            for name, param in trainable:
+                master = full[f"master/{name}"]
+                safe_set_full_fp32_param(param, master)
+                for key in ADAM_KEYS:
+                    safe_set_full_optimizer_state(param, full[f"{key}/{name}"], key)
+                param.data.copy_(master.to(param.dtype))
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer -> torch AdamW
+        group_of = {id(p): g for g in inner.param_groups for p in g["params"]}
+        for name, param in trainable:
+            param.data.copy_(full[f"master/{name}"].to(param.dtype))
+            state = {k: full[f"{k}/{name}"].to(param.device, param.dtype).clone() for k in ADAM_KEYS}
+            state["step"] = _adam_step(float(full[f"step/{name}"]), group_of[id(param)], param.device)
+            inner.state[param] = state
 
 
 # Changing these would make the saved weights, optimizer state or data position meaningless.

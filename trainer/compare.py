@@ -165,8 +165,8 @@ def _cell(row: dict, key: str) -> str:
     value = row.get(key)
     if key == "trainable_params":
         return _count(value)
-    if key == "trainable_share":
-        return "-" if value is None else f"{100 * value:.2f}%"
+    if key == "trainable_share":  # percent, as run_summary.json and `trainer estimate` give it
+        return "-" if value is None else f"{value:.2f}%"
     if key == "weights_bytes":
         text = _bytes(value)
         return f"{text} (full model)" if value is not None and row["method"] == "full" else text
@@ -194,7 +194,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    """compare.csv: COLUMNS keys as the header (plus exact_match_base and path), raw values, empty for missing."""
+    """compare.csv: COLUMNS keys as the header (plus exact_match_base and path), raw values (trainable_share in
+    percent, bytes, seconds), empty for missing."""
     keys = [k for k, _ in COLUMNS] + ["exact_match_base", "path"]
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")

@@ -56,8 +56,8 @@ class LoraArgs:
     alpha: float = 32
     """Scale numerator: the update is multiplied by alpha / r (peft's `lora_alpha`). 2 * r is the usual choice."""
     dropout: float = 0.05
-    """Dropout on the LoRA input, in [0, 1). Each rank draws its own masks, so multi-process runs equal
-    single-process ones exactly only with 0."""
+    """Dropout on the LoRA input, in [0, 1). Each row's mask is drawn from (train.seed, step, row, module) alone,
+    so it is the same on any number of processes and after a resume on another one (trainer/lora_dropout.py)."""
     target_modules: Any = "all-linear"
     """`all-linear` (every Linear but the output head, peft's rule) or a list of module names such as
     [q_proj, v_proj]."""

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer import arch
+
 # Dense (no 2:4 sparsity) peak TFLOP/s per GPU, from NVIDIA's datasheets: bf16/fp16 on tensor cores, tf32 on
 # tensor cores (fp32 matmuls with torch.backends.cuda.matmul.allow_tf32), fp32 without tensor cores.
 # The first key found in torch.cuda.get_device_name() wins: more specific names come first.
@@ -91,10 +93,9 @@ def flops_model(model) -> FlopsModel:
         n = w.numel() * (2 if w.__class__.__name__ == "Params4bit" else 1)  # two 4-bit values per byte
         total += n
         trainable += n if w.requires_grad else 0
-    cfg = model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cfg = arch.text_config(model.config)
     heads = getattr(cfg, "num_attention_heads", 0) or 0
-    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
+    head_dim = arch.head_dim(cfg) if heads else 0
     return FlopsModel(
         matmul_params=total,
         trainable_matmul_params=trainable,

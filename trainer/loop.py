@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from trainer import checkpoint
+from trainer import checkpoint, lora_dropout
 from trainer.config import Recipe
 from trainer.data import IGNORE, collate, count_targets
+from trainer.distributed import is_deepspeed
 from trainer.flops import FlopsMeter
 from trainer.loss import dataset_loss, token_loss_stats
 from trainer.optim import lr_at, set_lr
@@ -66,21 +67,39 @@ def micro_batches(rows, state: TrainState, plan: Plan, recipe: Recipe, world: in
             picked = rows.select(idx)
             batches.append(collate(picked, pad_id))
             sample_ids += [s for row in picked["sample_ids"] for s in row]
+            lengths = [len(ids) for ids in picked["input_ids"]]
         else:  # end of epoch: an empty slot still runs (collectives stay in step) and trains nothing
             batches.append(collate([{"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}], pad_id))
             batches[-1].update(n_rows=torch.tensor(0), n_tokens=torch.tensor(0))
+            idx, lengths = [-1], [0]
+        batches[-1].update(row_ids=list(idx), row_lengths=lengths)  # for LoRA dropout masks (lora_dropout.py)
     return batches, sample_ids
 
 
 def train_step(
-    accelerator, model, optimizer, batches: list[dict], max_grad_norm: float, chunked_loss: bool = True
+    accelerator,
+    model,
+    optimizer,
+    batches: list[dict],
+    max_grad_norm: float,
+    chunked_loss: bool = True,
+    dropout_key: tuple[int, int] = (0, 0),
 ) -> dict:
     """One optimizer step over this rank's micro-batches.
 
     The loss is the sum of token losses divided by the target tokens of the whole step (all micro-batches,
     all ranks). accelerate divides by grad_accum and DDP averages over ranks, so the backward loss is scaled
     by grad_accum * world to undo both: the gradient is then exactly d(mean target-token loss)/dw, whatever
-    the split into micro-batches and ranks.
+    the split into micro-batches and ranks. `dropout_key`: (train.seed, step) of the LoRA dropout masks, drawn
+    per row (`row_ids` of each batch, from `micro_batches`).
+
+    Non-finite steps: without DeepSpeed the optimizer steps here, only when the all-reduced loss and gradient norm
+    are finite. Under DeepSpeed accelerate runs `engine.step()` inside the backward of the last micro-batch
+    (accelerate/utils/deepspeed.py, DeepSpeedEngineWrapper.backward), before this function sees the reduced loss;
+    DeepSpeed's ZeRO optimizer skips that step itself when the gradient norm is not finite (fp32, fp16) or its
+    overflow check fires (bf16 `check_grad_overflow`, on by default in DeepSpeed 0.19). `engine.was_step_applied()` says
+    what it did: a skipped step is reported here as non-finite, and a non-finite step that DeepSpeed applied
+    anyway (overflow check turned off) raises NonFiniteLoss, since the weights can no longer be trusted.
     """
     device = accelerator.device
     local = torch.tensor(float(sum(count_targets(b["labels"]) for b in batches)), dtype=torch.float64, device=device)
@@ -88,8 +107,10 @@ def train_step(
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(n_targets, 1.0)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correctly predicted targets
     for batch in batches:
+        n = len(batch["input_ids"])
+        masks = lora_dropout.rows(*dropout_key, batch.get("row_ids", [-1] * n), batch.get("row_lengths", [0] * n))
         batch = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")}
-        with accelerator.accumulate(model), accelerator.autocast():
+        with accelerator.accumulate(model), accelerator.autocast(), masks:
             step_loss, _, correct = token_loss_stats(model, batch, chunked_loss)
             accelerator.backward(step_loss * scale)
         sums += torch.stack([step_loss.detach().double(), correct.double()])
@@ -99,7 +120,17 @@ def train_step(
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     grad_norm = float(grad_norm) if grad_norm is not None else _engine_grad_norm(model)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    if finite:
+    if is_deepspeed(accelerator):  # the engine has stepped (or skipped) inside the last backward already
+        applied = model.was_step_applied()
+        if not finite and applied:
+            raise NonFiniteLoss(
+                f"non-finite loss/grad norm ({loss}, {grad_norm}) but DeepSpeed applied the optimizer step anyway "
+                "(its overflow check is off: bf16.check_grad_overflow false in the DeepSpeed config?); the weights "
+                "are no longer trustworthy, so the run stops here without saving. Resume from the last checkpoint "
+                "with the check on."
+            )
+        finite = finite and applied
+    elif finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {
@@ -163,7 +194,18 @@ def train(
             t0 = time.perf_counter()
             set_lr(optimizer, lr_at(state.step, t, plan.total_steps))
             batches, sample_ids = micro_batches(data.train, state, plan, recipe, world, rank, pad_id)
-            out = train_step(accelerator, model, optimizer, batches, t.max_grad_norm, recipe.model.chunked_loss)
+            try:
+                out = train_step(
+                    accelerator,
+                    model,
+                    optimizer,
+                    batches,
+                    t.max_grad_norm,
+                    recipe.model.chunked_loss,
+                    dropout_key=(t.seed, state.step),
+                )
+            except NonFiniteLoss as err:
+                raise NonFiniteLoss(f"step {state.step + 1}: {err}") from None
             counts = step_counts(
                 accelerator,
                 batches,

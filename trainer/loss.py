@@ -185,16 +185,22 @@ def dataset_loss(
     r, r+world, ...): {"loss", "ppl", "token_accuracy", "tokens"}.
 
     `reduce(tensor)` sums across ranks (accelerator.reduce); perplexity is exp(mean token loss); token accuracy is
-    the share of target tokens whose argmax prediction is the label.
+    the share of target tokens whose argmax prediction is the label. Every rank runs the same number of forward
+    passes, the most any rank needs: a rank whose rows ran out (fewer rows than processes, or an uneven split) runs
+    a one-token batch with no target, which adds nothing to the sums, so a model wrapper that communicates inside
+    forward cannot leave one rank waiting, and `reduce` is reached by all.
     """
     was_training = model.training
     model.eval()
     mine = list(range(rank, len(rows), world))
+    n_batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
     if max_batches is not None:
-        mine = mine[: max_batches * batch_size]
+        mine, n_batches = mine[: max_batches * batch_size], min(n_batches, max_batches)
+    empty = [{"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}]
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for start in range(0, len(mine), batch_size):
-        batch = collate(rows.select(mine[start : start + batch_size]), pad_id)
+    for start in range(0, n_batches * batch_size, batch_size):
+        part = mine[start : start + batch_size]
+        batch = collate(rows.select(part) if part else empty, pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         loss_sum, n, correct = token_loss_stats(model, batch)
         totals += torch.stack([loss_sum.double(), n.double(), correct.double()])

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from trainer import lora_dropout
+from trainer.arch import trainable_share
 from trainer.config import LoraArgs, ModelArgs
 from trainer.dtypes import torch_dtype
 from trainer.errors import UserError
@@ -90,7 +92,7 @@ def build_model(cfg: ModelArgs, lora: LoraArgs | None, device_map=None, log=prin
             loftq_init(model, cfg.name_or_path, log=log)
     trainable, total = count_parameters(model)
     log(
-        f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+        f"model: {trainable:,} trainable of {total:,} parameters ({trainable_share(trainable, total):.3f}%)"
         f"{', 4-bit NF4 base' if quantize else ''}{', full fine-tune' if lora is None else ''}"
     )
     return model
@@ -130,12 +132,14 @@ def apply_lora(model, lora: LoraArgs):
     import peft
 
     try:
-        return peft.get_peft_model(model, lora_config(lora))
+        model = peft.get_peft_model(model, lora_config(lora))
     except ValueError as err:
         names = f"lora.target_modules={lora.target_modules!r}"
         if lora.modules_to_save:
             names += f", lora.modules_to_save={lora.modules_to_save!r}"
         raise UserError(f"{names}: {str(err).splitlines()[0]}") from None
+    lora_dropout.install(model)  # masks independent of the number of processes (trainer/lora_dropout.py)
+    return model
 
 
 def loftq_init(peft_model, name_or_path: str, log=print) -> int:

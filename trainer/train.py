@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
+from trainer.arch import trainable_share
 from trainer.config import Recipe, dump_yaml, to_dict
 from trainer.data import describe, prepare_data
 from trainer.distributed import build_accelerator, is_deepspeed, main_first, world_info
@@ -42,7 +43,7 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
     model, optimizer, model_load_s, params = _setup_model(recipe, accelerator, run, log)
     state = TrainState(data_seed=recipe.train.seed)
     if ckpt is not None:
-        state = checkpoint.load(accelerator, ckpt)
+        state = checkpoint.load(accelerator, ckpt, model, optimizer)
         log(f"resume: from {ckpt} at step {state.step} (epoch {state.epoch}, {state.samples_seen} samples seen)")
     plan = make_plan(len(data.train), recipe, accelerator.num_processes, data.train["length"])
     if accelerator.is_main_process:
@@ -109,7 +110,8 @@ def _setup_data(recipe: Recipe, tokenizer, accelerator, log):
 
 def _setup_model(recipe: Recipe, accelerator, run: RunDir, log):
     """(model, optimizer) prepared by accelerate, with the checkpoint hooks installed, the load seconds, and the
-    parameter counts {"trainable_params", "total_params", "trainable_share"} (4-bit weights count 2 per byte).
+    parameter counts {"trainable_params", "total_params", "trainable_share"} (percent, `arch.trainable_share`: the
+    one definition the log line and the estimator use; 4-bit weights count 2 per byte).
 
     PiSSA / OLoRA change the base weights when they initialise the adapter: that initial adapter is written to
     RUN_DIR/initial_adapter (rank 0; the same every time, the SVD/QR of the same weights) so that every adapter saved
@@ -128,7 +130,11 @@ def _setup_model(recipe: Recipe, accelerator, run: RunDir, log):
         checkpoint.save_initial_adapter(model, run.initial_adapter)
     log(f"model: loaded in {seconds:.1f} s")
     trainable, total = count_parameters(model)
-    params = {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1)}
+    params = {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable_share(trainable, total),
+    }
     optimizer = build_optimizer(model, recipe.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpoint.install_trainable_only_hook(accelerator)
@@ -211,7 +217,12 @@ def _setup_resume(run: RunDir, recipe: Recipe, resume: str | None, fresh: bool, 
         ckpt = checkpoint.find_resumable(run.root, log=log)
         if ckpt is None:
             return None
-    problem = resume_topology_problem(checkpoint.read_state(ckpt), world_info(accelerator))
+    problem = resume_topology_problem(
+        checkpoint.read_state(ckpt),
+        world_info(accelerator),
+        full_state=(ckpt / checkpoint.FULL_OPTIMIZER).is_file(),
+        optimizer=recipe.train.optimizer,
+    )
     if problem:
         raise UserError(f"{ckpt}: {problem}")
     for change in checkpoint.check_compatible(ckpt, recipe):
@@ -219,12 +230,17 @@ def _setup_resume(run: RunDir, recipe: Recipe, resume: str | None, fresh: bool, 
     return ckpt
 
 
-def resume_topology_problem(saved: dict, now: dict) -> str | None:
+def resume_topology_problem(
+    saved: dict, now: dict, *, full_state: bool = False, optimizer: str = "adamw"
+) -> str | None:
     """Why a checkpoint (its trainer_state.json) cannot resume on this launch (`world_info`), or None.
 
-    DeepSpeed saves the optimizer in its own layout, partitioned over the ranks (one ZeRO shard per rank): it loads
-    only under DeepSpeed with the same number of processes (else a ZeRORuntimeException or a missing file deep in
-    load_state). Checkpoints without DeepSpeed hold the whole optimizer state and resume on any number of processes.
+    * Both without DeepSpeed, any numbers of processes: the optimizer state is whole (accelerate's files).
+    * Both DeepSpeed on the same number of processes: DeepSpeed's own shards.
+    * DeepSpeed checkpoint on another number of processes, or without DeepSpeed: from its whole optimizer state
+      (`full_state`: checkpoint.FULL_OPTIMIZER exists; written for AdamW up to checkpoint.FULL_STATE_MAX_PARAMS).
+    * Non-DeepSpeed checkpoint under DeepSpeed: from accelerate's files, for torch AdamW (`optimizer` "adamw");
+      8-bit optimizer states are quantized per block and cannot be cut into ZeRO partitions.
     """
     if "distributed_type" not in saved:  # written before these keys existed: let load_state decide
         return None
@@ -232,19 +248,24 @@ def resume_topology_problem(saved: dict, now: dict) -> str | None:
     then_n, now_n = saved.get("world_size"), now["world_size"]
     if (not was_ds and not now_ds) or (was_ds and now_ds and then_n == now_n):
         return None
+    if (was_ds and full_state) or (not was_ds and optimizer == "adamw"):
+        return None
 
     def launch(kind: str, n) -> str:
         return "a single process" if kind == "NO" else f"{kind.replace('DEEPSPEED', 'DeepSpeed')} with {n} processes"
 
     if was_ds:
         return (
-            f"saved by {launch('DEEPSPEED', then_n)}, but this launch is {launch(now['distributed_type'], now_n)}; "
-            f"ZeRO optimizer shards load only under DeepSpeed with the same number of processes: relaunch with the "
-            f"DeepSpeed accelerate config and --num_processes {then_n}, or start over with --fresh"
+            f"saved by {launch('DEEPSPEED', then_n)}, but this launch is {launch(now['distributed_type'], now_n)}, "
+            f"and the checkpoint has no {checkpoint.FULL_OPTIMIZER} (written only with train.optimizer adamw and "
+            f"at most {checkpoint.FULL_STATE_MAX_PARAMS:,} trainable parameters), so its ZeRO shards load only under "
+            f"DeepSpeed with the same number of processes: relaunch with the DeepSpeed accelerate config and "
+            f"--num_processes {then_n}, or start over with --fresh"
         )
     return (
-        f"saved by {launch(saved['distributed_type'], then_n)}, but this launch uses DeepSpeed, which cannot load "
-        f"it; relaunch without DeepSpeed (any number of processes resumes it), or start over with --fresh"
+        f"saved by {launch(saved['distributed_type'], then_n)} with train.optimizer {optimizer}, but this launch uses "
+        f"DeepSpeed, which cannot cut 8-bit optimizer states into its partitions; relaunch without DeepSpeed (any "
+        f"number of processes resumes it), or start over with --fresh"
     )
 
 

@@ -2,24 +2,26 @@
 Checks the figures the README table is built from, not any speed: speed is the benchmark's job."""
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ALPACA, ROOT, THREADS, clean_env, run_checked
+
 sys.path.insert(0, str(ROOT / "bench"))
 import vs_trl  # noqa: E402
 
 
+@pytest.mark.slow
 def test_trainer_run_is_counted_and_reported(tmp_path):
     out = tmp_path / "results"
-    proc = subprocess.run(
+    run_checked(
         [
             sys.executable,
-            str(ROOT / "bench" / "vs_trl.py"),
+            ROOT / "bench" / "vs_trl.py",
             "--tiny",
+            "--data",
+            ALPACA,
             "--rows",
             "40",
             "--tools",
@@ -27,14 +29,10 @@ def test_trainer_run_is_counted_and_reported(tmp_path):
             "--eval-rows",
             "8",
             "--out",
-            str(out),
+            out,
         ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+        env=clean_env(cpu_only=False, OMP_NUM_THREADS=str(THREADS)),
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [result_json] = out.glob("vs_trl-*.json")
     [result_md] = out.glob("vs_trl-*.md")
     payload = json.loads(result_json.read_text())

@@ -1,11 +1,14 @@
-"""The demo's pipeline end to end on the tiny model (fast): task data, train with the demo recipe, merge,
-base vs tuned report with exact match. The real model run is `trainer demo` (numbers in the README)."""
+"""The demo's pipeline end to end on the tiny model (seconds, so marked slow): task data, train with the demo
+recipe, merge, base vs tuned report with exact match. The real model run is `trainer demo` (numbers in the README)."""
 
 import json
+
+import pytest
 
 from trainer.demo import DEMO_RECIPE, run_demo
 
 
+@pytest.mark.slow
 def test_demo_pipeline_on_tiny_model(tmp_path, tiny_model_dir):
     from accelerate.state import AcceleratorState
 

@@ -13,17 +13,14 @@ Plus quick in-process checks of how "auto" values in the DeepSpeed json are fill
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, clean_env, free_port, run_bounded
+
 TIMEOUT_S = 240
 WORLD = 2
 GRAD_ACCUM, MICRO_BATCH, STEPS, MAX_GRAD_NORM = 2, 4, 3, 0.5
@@ -106,53 +103,6 @@ acc.end_training()
 """
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env() -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "RANK",
-            "WORLD_SIZE",
-            "LOCAL_RANK",
-            "LOCAL_WORLD_SIZE",
-            "GROUP_WORLD_SIZE",
-            "MASTER_ADDR",
-            "MASTER_PORT",
-            "ACCELERATE_USE_CPU",
-            "ACCELERATE_USE_DEEPSPEED",
-            "CUDA_VISIBLE_DEVICES",
-        )
-        and not k.startswith("ACCELERATE_DEEPSPEED")
-        and not k.startswith("ACCELERATE_CONFIG")
-    }
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["OMP_NUM_THREADS"] = "1"
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU paths, even on a GPU machine
-    return env
-
-
-def run_bounded(cmd: list[str], *, cwd: Path, env: dict, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run in its own session; on timeout kill the whole group (launcher and its workers)."""
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
-
-
 def launch(config: str, tmp: Path) -> list[dict]:
     script = tmp / "worker.py"
     script.write_text(WORKER)
@@ -174,7 +124,8 @@ def launch(config: str, tmp: Path) -> list[dict]:
         str(MAX_GRAD_NORM),
     ]
     t0 = time.perf_counter()
-    res = run_bounded(cmd, cwd=ROOT, env=clean_env())  # CWD = repo root: the yaml's json path is relative
+    # CWD = repo root: the yaml's json path is relative
+    res = run_bounded(cmd, cwd=ROOT, env=clean_env(), timeout=TIMEOUT_S)
     wall = time.perf_counter() - t0
     assert res.returncode == 0, f"{config} failed (rc {res.returncode}):\n{res.stdout[-6000:]}"
     ranks = sorted((json.loads(p.read_text()) for p in out.glob("rank*.json")), key=lambda d: d["rank"])
@@ -256,6 +207,7 @@ def test_ddp_and_zero2_reach_the_same_weights(ddp_run, zero2_run):
     assert ddp_run[0]["params"] == pytest.approx(zero2_run[0]["params"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_plain_single_process(tmp_path):
     """`python script.py`: no launcher, one process, no process group."""
     code = (

@@ -3,15 +3,14 @@
 import csv
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_recipe, write_jsonl
+from tests.conftest import run_cli, run_train, tiny_recipe, write_jsonl
+
+pytestmark = pytest.mark.slow  # every test here needs a trained run (a `trainer train` subprocess) or runs the CLI
 
 
 def task_rows(n=80):
@@ -38,24 +37,12 @@ def train_cli(tmp, model_dir, name, **sections):
             **sections,
         },
     )
-    recipe = tmp / f"{name}.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    out = subprocess.run(
-        [sys.executable, "-m", "trainer", "train", str(recipe), "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_train(raw, tmp, name=f"{name}.yaml")
     return tmp / name
 
 
 def cli(*args):
-    out = subprocess.run(
-        [sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return run_cli(*args).stdout
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_recipe, write_jsonl
+from tests.conftest import clean_env, free_port, run_cli, tiny_recipe, write_jsonl
 from trainer.loop import PREEMPTED_EXIT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,22 +48,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def env(**extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    e.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return e
-
-
 def sweep_args(recipe: Path, runs: Path) -> list[str]:
     return ["sweep", str(recipe), *AXES, "--runs-root", str(runs), "--no-progress"]
 
 
-def run_cli(args: list[str], expect: int = 0) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "trainer", *args], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env()
-    )
-    assert out.returncode == expect, f"rc={out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+def sweep_cli(args: list[str]) -> str:
+    out = run_cli(*args)
     return out.stdout + out.stderr
 
 
@@ -107,7 +96,7 @@ def recipe(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(recipe, tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("ref")
-    run_cli(sweep_args(recipe, runs))
+    sweep_cli(sweep_args(recipe, runs))
     return runs / "sums"
 
 
@@ -122,7 +111,7 @@ def test_sweep_killed_mid_point_and_rerun_equals_an_uninterrupted_sweep(recipe, 
             stdout=fh,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            env=env(STALL_RUN="lora.r=8", STALL_STEP="2", STALL_MARKER=str(marker)),
+            env=clean_env(STALL_RUN="lora.r=8", STALL_STEP="2", STALL_MARKER=str(marker)),
         )
         deadline = time.monotonic() + TIMEOUT
         while not marker.exists():
@@ -137,7 +126,7 @@ def test_sweep_killed_mid_point_and_rerun_equals_an_uninterrupted_sweep(recipe, 
     assert not (sweep / "lora.r=8" / "run_summary.json").exists() and (sweep / "lora.r=8/checkpoints/step-2").is_dir()
     assert not (sweep / "lora=null").exists() and not (sweep / "compare").exists()
 
-    out = run_cli(sweep_args(recipe, runs))
+    out = sweep_cli(sweep_args(recipe, runs))
     assert "sweep: [1/3] lora.r=4: finished before, skipped" in out
     assert f"resume: from {sweep / 'lora.r=8' / 'checkpoints' / 'step-2'} at step 2" in out
     assert out.count("resume: from ") == 1
@@ -174,7 +163,7 @@ def test_sweep_killed_mid_point_and_rerun_equals_an_uninterrupted_sweep(recipe, 
         folder = sweep / r["run"] / ("model" if r["method"] == "full" else "adapter")
         assert int(r["weights_bytes"]) == sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     assert int(table[0]["trainable_params"]) * 2 == int(table[1]["trainable_params"])  # r=8 has twice r=4's
-    assert float(table[2]["trainable_share"]) == 1.0
+    assert float(table[2]["trainable_share"]) == 100.0
     for png in ("eval_ppl.png", "train_loss.png"):
         assert (sweep / "compare" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (sweep / "compare" / "compare.md").read_text()
@@ -266,11 +255,6 @@ def test_a_failed_point_is_recorded_and_the_others_still_run(recipe, tmp_path, m
 def test_a_sweep_under_accelerate_launch_runs_every_point_under_it(recipe, tmp_path):
     """2 processes, DDP over gloo: both points train with world_size 2 (accelerate's state is reset between points,
     its process group kept), rank 0 alone logs, writes the record and the comparison."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [
         sys.executable,
         "-m",
@@ -280,7 +264,7 @@ def test_a_sweep_under_accelerate_launch_runs_every_point_under_it(recipe, tmp_p
         "--num_processes",
         "2",
         "--main_process_port",
-        str(port),
+        str(free_port()),
         "-m",
         "trainer",
         "sweep",
@@ -290,8 +274,7 @@ def test_a_sweep_under_accelerate_launch_runs_every_point_under_it(recipe, tmp_p
         str(tmp_path),
         "--no-progress",
     ]
-    e = {k: v for k, v in env().items() if k not in ("MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU")}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=e)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=clean_env())
     assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     text = out.stdout + out.stderr
     for name in ("lora.r=4", "lora.r=8"):

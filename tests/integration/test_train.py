@@ -2,41 +2,19 @@
 adapter reload, gradient-accumulation invariance."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import ALPACA, tiny_recipe
+from tests.conftest import ALPACA, alpaca_slice, run_train, tiny_recipe
 from trainer.config import recipe_from_dict
 from trainer.tracking import read_metrics
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-def run_cli(tmp_path, raw: dict, *extra, expect=0):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    out = subprocess.run(
-        [sys.executable, "-m", "trainer", "train", str(recipe), "--no-progress", *extra],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == expect, out.stderr[-3000:]
-    return out
-
-
+@pytest.mark.slow
 def test_lora_run_on_alpaca_loss_falls_and_writes_layout(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     raw = tiny_recipe(
@@ -55,7 +33,7 @@ def test_lora_run_on_alpaca_loss_falls_and_writes_layout(tmp_path, tiny_model_di
             "log_every": 1,
         },
     )
-    run_cli(tmp_path, raw)
+    run_train(raw, tmp_path)
     # Exact layout
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "adapter",
@@ -83,7 +61,7 @@ def test_lora_run_on_alpaca_loss_falls_and_writes_layout(tmp_path, tiny_model_di
     assert [int(r["step"]) for r in eval_rows] == [10, 20, 30]
     losses = [float(r["loss"]) for r in train_rows]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first - 0.3, (first, last)
+    assert last < first - 0.3, (first, last)  # measured on tests/datagen.py's rows: 7.952 -> 7.003
     assert float(eval_rows[-1]["eval_loss"]) < float(eval_rows[0]["eval_loss"])
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["steps"] == 30 and summary["world_size"] == 1 and summary["samples_seen"] > 0
@@ -111,6 +89,7 @@ def test_lora_run_on_alpaca_loss_falls_and_writes_layout(tmp_path, tiny_model_di
     assert (a - base).abs().max() > 1e-3  # and training did change the model
 
 
+@pytest.mark.slow
 def test_qlora_nf4_runs_on_cpu(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "qlora"
     raw = tiny_recipe(
@@ -120,19 +99,20 @@ def test_qlora_nf4_runs_on_cpu(tmp_path, tiny_model_dir):
         model={"quantization": "nf4", "gradient_checkpointing": True},
         train={"max_steps": 3, "save_every": 3, "eval_every": 3},
     )
-    out = run_cli(tmp_path, raw)
+    out = run_train(raw, tmp_path)
     assert "4-bit NF4 base" in out.stdout
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["steps"] == 3 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_full_finetune_changes_all_weights(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "full"
     raw = tiny_recipe(
         tiny_model_dir, ALPACA, run_dir, lora=None, train={"max_steps": 3, "save_every": 3, "eval_every": 3, "lr": 1e-3}
     )
-    out = run_cli(tmp_path, raw)
+    out = run_train(raw, tmp_path)
     assert "full fine-tune" in out.stdout
     from transformers import AutoModelForCausalLM
 
@@ -191,6 +171,7 @@ def test_accumulation_split_does_not_change_loss_or_gradient(tmp_path, tiny_mode
         torch.testing.assert_close(a_grads[name], b_grads[name], atol=1e-7, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_packing_off_groups_rows_by_length(tmp_path, tiny_model_dir):
     """Packing off: length grouping (the default) pads far less than a plain shuffle; the same rows train."""
     padding, seen = {}, {}
@@ -212,14 +193,15 @@ def test_packing_off_groups_rows_by_length(tmp_path, tiny_model_dir):
                 "save_every": 1000,
             },
         )
-        raw["data"]["path"] = str(tmp_path / "rows.json")
-        (tmp_path / "rows.json").write_text(json.dumps(json.loads(open(ALPACA).read())[:160]))
-        run_cli(tmp_path, raw)
+        raw["data"]["path"] = str(alpaca_slice(tmp_path / "rows.json", 160))
+        run_train(raw, tmp_path)
         [row] = [r for r in read_metrics(run_dir / "metrics.csv") if r["loss"]]  # one log row: the last step
         padding[grouped] = float(row["padding_frac"])
         summary = json.loads((run_dir / "run_summary.json").read_text())
         seen[grouped] = (summary["steps"], summary["tokens_seen"], summary["target_tokens_seen"])
     assert seen[True] == seen[False] and seen[True][0] == 20
+    # Measured on the first 160 of tests/datagen.py's rows (~20 to 256+ tokens): 49.8% padding shuffled, 4.1%
+    # grouped (the README's SmolLM2 run on Alpaca: 41% and 3.6%); the bounds leave room for other data or seeds.
     assert padding[False] > 0.3 and padding[True] < 0.1, padding
 
 
@@ -251,7 +233,7 @@ def test_summary_counts_parameters_and_bytes_and_metrics_carry_token_accuracy(tm
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     lora = sum(t.numel() for t in adapter.values())
     assert (summary["trainable_params"], summary["total_params"]) == (lora, total + lora)
-    assert summary["trainable_share"] == lora / (total + lora)
+    assert summary["trainable_share"] == 100.0 * lora / (total + lora)  # percent, as the log line and the estimator
     assert summary["adapter_bytes"] == (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size
     assert summary["model_bytes"] is None
     on_disk = json.loads((run_dir / "run_summary.json").read_text())

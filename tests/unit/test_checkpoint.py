@@ -377,3 +377,49 @@ def test_weights_under_other_names_are_refused_not_silently_skipped(saved_checkp
         r"missing .* \d+ unknown \['module\.base_model",
     ):
         checkpoint.load(acc, ck)
+
+
+# ----------------------------------------------------------------------------------------------- whole optimizer state
+def test_whole_state_read_from_accelerate_files_loads_bit_for_bit(saved_checkpoint):
+    """The path a non-DeepSpeed checkpoint takes into another layout: `read_full_state` names accelerate's indexed
+    AdamW state by parameter, `load_full_state` puts it into a fresh model and optimizer; every tensor and the step
+    count equal what was saved, and the next AdamW step is the same as after accelerate's own loader."""
+    ck, trained, opt_state, fresh = saved_checkpoint
+    acc, model, opt = fresh()
+    unwrapped = acc.unwrap_model(model)
+    full = checkpoint.read_full_state(ck, unwrapped)
+    names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
+    assert sorted(full) == sorted(f"{k}/{n}" for n in names for k in ("master", "exp_avg", "exp_avg_sq", "step"))
+    checkpoint.load_full_state(acc, model, opt, full)
+    for i, (n, p) in enumerate((n, p) for n, p in unwrapped.named_parameters() if p.requires_grad):
+        assert torch.equal(p, trained[n]), n
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state_dict()["state"][i][key], opt_state["state"][i][key]), (n, key)
+    assert float(full[f"step/{names[0]}"]) == 1.0
+
+    acc2, model2, opt2 = fresh()
+    checkpoint.load(acc2, ck)  # accelerate's own loader
+    for m, o in ((model, opt), (model2, opt2)):
+        m(input_ids=torch.arange(5, 21).view(1, -1), labels=torch.arange(5, 21).view(1, -1)).loss.backward()
+        o.step()
+    for (n, a), b in zip(
+        ((n, p) for n, p in model.named_parameters() if p.requires_grad),
+        (p for p in model2.named_parameters() if p[1].requires_grad),
+    ):
+        assert torch.equal(a, b[1]), n
+
+
+def test_whole_state_that_does_not_match_the_model_is_one_line(saved_checkpoint):
+    ck, trained, _, fresh = saved_checkpoint
+    acc, model, _ = fresh()
+    dropped = sorted(trained)[0]
+    save_file({k: v for k, v in trained.items() if k != dropped}, ck / "accelerate" / "model.safetensors")
+    with pytest.raises(UserError, match=r"model\.safetensors: no tensor .*lora"):
+        checkpoint.read_full_state(ck, acc.unwrap_model(model))
+    full = {f"{k}/{n}": v.clone() for n, v in trained.items() for k in ("master", "exp_avg", "exp_avg_sq")}
+    full[f"exp_avg/{dropped}"] = torch.zeros(3)
+    save_file({**full, **{f"step/{n}": torch.ones(1) for n in trained}}, ck / checkpoint.FULL_OPTIMIZER)
+    with pytest.raises(
+        UserError, match=rf"full_optimizer\.safetensors: exp_avg/{dropped} is missing or has shape \(3,\)"
+    ):
+        checkpoint.read_full_state(ck, acc.unwrap_model(model))

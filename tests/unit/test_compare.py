@@ -58,7 +58,7 @@ def runs(tmp_path) -> list[Path]:
         "peak_mem_gib": 1.5,
         "trainable_params": 1000,
         "total_params": 100_000,
-        "trainable_share": 0.01,
+        "trainable_share": 1.0,
         "adapter_bytes": 4 * 2**20,
         "model_bytes": None,
         "preempted": False,
@@ -74,7 +74,7 @@ def runs(tmp_path) -> list[Path]:
     full = {
         **summary,
         "trainable_params": 100_000,
-        "trainable_share": 1.0,
+        "trainable_share": 100.0,
         "adapter_bytes": None,
         "model_bytes": 400 * 2**20,
         "train_wall_s": 20.0,
@@ -101,7 +101,7 @@ def test_rows_take_every_column_from_the_right_file(runs):
         "LoRA",
         "r=4 alpha=32 all-linear",
     )
-    assert (a["trainable_params"], a["trainable_share"], a["weights_bytes"]) == (1000, 0.01, 4 * 2**20)
+    assert (a["trainable_params"], a["trainable_share"], a["weights_bytes"]) == (1000, 1.0, 4 * 2**20)
     assert (a["steps"], a["train_time_s"], a["tokens_per_s"], a["peak_mem_gib"]) == (4, 10.0, 500.0, 1.5)
     # final losses from metrics.csv (the last logged values), not the summary's final_loss
     assert (a["final_train_loss"], a["final_eval_ppl"], a["eval_token_accuracy"]) == (0.5, 2.0, 1.0)
@@ -133,7 +133,7 @@ def test_compare_writes_table_csv_and_plots(runs, tmp_path):
     assert "Not finished (stopped or preempted): qdora." in md and "![eval perplexity](eval_ppl.png)" in md
     with (out / "compare.csv").open(newline="") as fh:
         got = list(csv.DictReader(fh))
-    assert got[0]["weights_bytes"] == str(4 * 2**20) and got[0]["trainable_share"] == "0.01"
+    assert got[0]["weights_bytes"] == str(4 * 2**20) and got[0]["trainable_share"] == "1.0"
     assert got[1]["exact_match"] == "" and got[0]["exact_match_base"] == "0.011"
     for png in ("eval_ppl.png", "train_loss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

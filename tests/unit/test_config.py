@@ -1,8 +1,6 @@
-import subprocess
-import sys
-
 import pytest
 
+from tests.conftest import run_cli
 from trainer.config import dump_yaml, load_recipe, recipe_from_dict
 from trainer.errors import UserError
 
@@ -46,10 +44,10 @@ def test_cross_field_checks():
         recipe_from_dict({})
 
 
+@pytest.mark.slow
 def test_cli_config_error_is_one_line_exit_2(tmp_path):
     p = write(tmp_path, "data: {path: x}\ntrain: {lrr: 1}\n")
-    out = subprocess.run([sys.executable, "-m", "trainer", "train", str(p)], capture_output=True, text=True)
-    assert out.returncode == 2
+    out = run_cli("train", p, expect=2)
     assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
     assert "did you mean 'train.lr'" in out.stderr
 

@@ -171,12 +171,13 @@ def test_pack_lengths_fits_and_keeps_every_sample():
     assert fill > 0.95, fill
 
 
-def test_real_alpaca_packing_fill_and_cache(tmp_path, tokenizer):
+@pytest.mark.slow
+def test_alpaca_packing_fill_and_cache(tmp_path, tokenizer):
     cfg = DataArgs(path=str(ALPACA), max_seq_len=256, val_fraction=0.05)
     msgs = []
     data = prepare_data(cfg, tokenizer, cache_root=tmp_path, log=msgs.append)
     assert data.stats["train"]["samples"] + data.stats["val"]["samples"] == 1000
-    assert data.stats["train"]["pack_fill"] > 0.95
+    assert data.stats["train"]["pack_fill"] > 0.95  # measured on tests/datagen.py's 1000 rows: 0.992
     sample_ids = [s for row in data.train["sample_ids"] for s in row] + [
         s for row in data.val["sample_ids"] for s in row
     ]

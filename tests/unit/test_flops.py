@@ -1,14 +1,11 @@
 """Model FLOPs per token (trainer.flops) against torch's own FLOP counter, sample lengths, GPU peaks, MFU."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 
-from tests.conftest import ALPACA, make_model, tiny_recipe
+from tests.conftest import ALPACA, make_model, run_train, tiny_recipe
 from trainer import flops as F
 
 
@@ -114,6 +111,7 @@ def test_meter_reports_tflops_and_mfu_only_with_a_peak():
     assert s["mfu_peak"] == "NVIDIA H100 80GB HBM3: 989 TFLOP/s"
 
 
+@pytest.mark.slow
 def test_run_summary_has_load_times_and_flops(tmp_path, tiny_model_dir):
     from accelerate.state import AcceleratorState
 
@@ -126,14 +124,7 @@ def test_run_summary_has_load_times_and_flops(tmp_path, tiny_model_dir):
         data={"val_fraction": 0.0},
         train={"max_steps": 2, "save_every": 2, "eval_every": 2},
     )
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
-    out = subprocess.run(
-        [sys.executable, "-m", "trainer", "train", str(tmp_path / "r.yaml"), "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_train(raw, tmp_path, name="r.yaml")
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["model_load_s"] > 0 and summary["data_prepare_s"] > 0
     assert summary["model_flops_per_token"] > 0 and summary["tflops"] > 0

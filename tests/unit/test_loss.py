@@ -1,5 +1,7 @@
 """The chunked cross-entropy (model.chunked_loss) against the model's own logits: same loss, same gradients."""
 
+import math
+
 import pytest
 import torch
 
@@ -166,3 +168,43 @@ def test_dataset_loss_reports_token_accuracy(tokenizer):
     assert ev["tokens"] == int((labels[:, 1:] != -100).sum())
     assert ev["token_accuracy"] == pytest.approx(direct_correct(model, b) / ev["tokens"], abs=1e-12)
     assert 0.3 < ev["token_accuracy"] < 0.7
+
+
+# ----------------------------------------------------------------------------------------------- dataset_loss
+@pytest.mark.parametrize("n_rows,world,batch_size", [(1, 2, 8), (3, 2, 1), (5, 4, 2), (7, 3, 2)])
+def test_dataset_loss_split_over_ranks_equals_one_process_and_every_rank_runs_as_many_forwards(
+    n_rows, world, batch_size
+):
+    """Rank r takes rows r, r + world, ...; with fewer rows than ranks (1 row, 2 processes) or an uneven split a
+    rank runs empty one-token batches, so every rank runs the same number of forward passes (a wrapper that
+    communicates in forward never waits on a rank that finished) and the summed loss equals one process's."""
+    import datasets
+
+    from trainer.loss import dataset_loss
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n_rows):
+        ids = torch.randint(3, 256, (5 + 4 * i,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:], "position_ids": list(range(len(ids)))})
+    rows = datasets.Dataset.from_list(rows)
+    model = make_model(256, init_std=0.2)
+    calls = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    one = dataset_loss(model, rows, batch_size=batch_size, pad_id=0, device="cpu")
+    assert len(calls) == math.ceil(n_rows / batch_size)
+    parts, counts = [], []
+    for rank in range(world):
+        calls.clear()
+        parts.append(
+            dataset_loss(
+                model, rows, batch_size=batch_size, pad_id=0, device="cpu", rank=rank, world=world, reduce=None
+            )
+        )
+        counts.append(len(calls))
+    assert len(set(counts)) == 1 and counts[0] == math.ceil(math.ceil(n_rows / world) / batch_size)
+    tokens = sum(p["tokens"] for p in parts)
+    loss = sum(p["loss"] * p["tokens"] for p in parts if p["tokens"]) / tokens
+    assert tokens == one["tokens"] and loss == pytest.approx(one["loss"], rel=1e-6)  # fp32, other batch shapes
