@@ -127,8 +127,15 @@ def save_adapter(accelerator, model, out: Path, state_dict: dict | None = None, 
     if initial is None:
         unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
         return
+    import warnings
+
     was_training = unwrapped.training
-    unwrapped.save_pretrained(str(out), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial))
+    with warnings.catch_warnings():  # peft loads the initial adapter beside the trained one to convert, and warns
+        # that PiSSA/OLoRA "should not be used with other adapters" and should be converted: what this does
+        warnings.filterwarnings("ignore", message=r"(PiSSA|OLoRA) changes the base weights")
+        unwrapped.save_pretrained(
+            str(out), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial)
+        )
     unwrapped.train(was_training)
 
 

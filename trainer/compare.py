@@ -106,7 +106,7 @@ def run_row(run_dir: str | Path, label: str | None = None) -> dict:
         "method": method,
         "lora": lora,
         "trainable_params": summary.get("trainable_params"),
-        "trainable_share": summary.get("trainable_share"),
+        "trainable_share": _share(summary),
         "weights_bytes": weights,
         "steps": steps,
         "train_time_s": wall,
@@ -121,6 +121,14 @@ def run_row(run_dir: str | Path, label: str | None = None) -> dict:
         "finished": bool(summary) and not summary.get("preempted"),
         "_metrics": metrics,
     }
+
+
+def _share(summary: dict) -> float | None:
+    """Percent of parameters trained, from the summary's counts through the one definition (arch.trainable_share)."""
+    from trainer.arch import trainable_share
+
+    trainable, total = summary.get("trainable_params"), summary.get("total_params")
+    return trainable_share(trainable, total) if trainable is not None and total else summary.get("trainable_share")
 
 
 def _metrics(run: RunDir) -> list[dict]:

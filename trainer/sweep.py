@@ -149,9 +149,8 @@ def point_names(points: list[list[tuple[str, str]]], axes: list[Axis]) -> list[s
     """Folder names: `key=value` of the varying keys joined by ','. Names that would collide (two paths with the
     same last component) get a short hash of their full assignments; over-long names are cut and hashed."""
     varying = {a.key for a in axes if len(a.values) > 1}
-    if len(points) > 1:  # a single-valued axis that is an alternative to others (lora=null) also varies
-        counts = {k: sum(1 for p in points if any(key == k for key, _ in p)) for a in axes for k in [a.key]}
-        varying |= {k for k, n in counts.items() if n < len(points)}
+    # a single-valued axis that is an alternative to others (lora=null) is not in every point: it varies too
+    varying |= {a.key for a in axes if sum(any(k == a.key for k, _ in p) for p in points) < len(points)}
     names = []
     for point in points:
         shown = [(k, v) for k, v in point if k in varying] or point
