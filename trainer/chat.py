@@ -27,44 +27,61 @@ BASE = "base"
 
 @dataclass
 class ChatModels:
-    """One base model in memory with any number of named LoRA adapters on top."""
+    """One base model in memory with any number of named LoRA adapters on top, and whole models by name beside it
+    (a full fine-tune's own model is "tuned"; its original base is loaded only when asked for)."""
 
-    model: object  # a PeftModel (or a plain model when there is no adapter)
+    model: object  # a PeftModel, a plain model when there is no adapter, or None (a full fine-tune without its base)
     tokenizer: object
     adapters: list[str] = field(default_factory=list)
     active: str = BASE
+    whole: dict = field(default_factory=dict)  # name -> a model used as it is
+
+    def names(self) -> list[str]:
+        """Every model that can answer: the base (when loaded), the adapters, the whole models."""
+        return [*([BASE] if self.model is not None else []), *self.adapters, *self.whole]
 
     def use(self, name: str) -> None:
-        if name != BASE and name not in self.adapters:
-            raise UserError(f"no adapter named '{name}'; loaded: {', '.join([BASE, *self.adapters])}")
-        if name != BASE:
+        if name not in self.names():
+            what = "the original base is not loaded (--compare loads it)" if name == BASE else f"no model named '{name}'"
+            raise UserError(f"{what}; loaded: {', '.join(self.names())}")
+        if name in self.adapters:
             self.model.set_adapter(name)
         self.active = name
 
     @contextlib.contextmanager
     def as_active(self):
-        if self.active == BASE and self.adapters:
+        if self.active in self.whole:
+            yield self.whole[self.active]
+        elif self.active == BASE and self.adapters:
             with self.model.disable_adapter():
                 yield self.model
         else:
             yield self.model
 
 
-def load_chat_models(run_dir: Path | None, extra_adapters: dict[str, Path], model_path: str | None = None):
+def load_chat_models(
+    run_dir: Path | None, extra_adapters: dict[str, Path], model_path: str | None = None, with_base: bool = False
+):
     """One base model (the run's, or `model_path`) with the run's adapter and `extra_adapters` loaded by name.
-    A full fine-tune run's own model is the base."""
+
+    A full fine-tune run: its own model is "tuned" (active); its original base (the recipe's model) is loaded too
+    when `with_base` (side-by-side comparison) or when extra adapters need a base to sit on."""
     from peft import PeftModel
 
     from trainer.config import ModelArgs
     from trainer.model import load_base
 
+    def load(args):
+        return load_base(args, dtype=torch_dtype(args.dtype), quantize=False, device_map={"": default_device()}).eval()
+
     adapters: dict[str, Path] = {}
+    whole = {}
     if run_dir is not None:
         run = RunDir(run_dir)
         recipe = read_recipe(run)
         model_args, tokenizer = recipe.model, tokenizer_of(run, recipe)
         if recipe.lora is None:
-            model_args = replace(model_args, name_or_path=str(run.model))
+            whole["tuned"] = load(replace(model_args, name_or_path=str(run.model)))
         else:
             adapters["tuned"] = adapter_dir(run)
     elif model_path:
@@ -73,15 +90,17 @@ def load_chat_models(run_dir: Path | None, extra_adapters: dict[str, Path], mode
     else:
         raise UserError("trainer chat needs RUN_DIR or --model PATH")
     adapters.update(extra_adapters)
-    base = load_base(model_args, dtype=torch_dtype(model_args.dtype), quantize=False, device_map={"": default_device()})
+    base = load(model_args) if (not whole or with_base or adapters) else None
     if not adapters:
-        return ChatModels(base.eval(), tokenizer)
+        chat = ChatModels(base, tokenizer, whole=whole)
+        chat.use("tuned" if whole else BASE)
+        return chat
     names = list(adapters)
     model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(adapters[name]), adapter_name=name)
-    chat = ChatModels(model.eval(), tokenizer, names)
-    chat.use(names[0])
+    chat = ChatModels(model.eval(), tokenizer, names, whole=whole)
+    chat.use("tuned" if whole else names[0])
     return chat
 
 
@@ -106,7 +125,7 @@ def interactive(chat: ChatModels, **gen) -> None:
 
     console = Console()
     console.print(
-        f"[bold]trainer chat[/] adapters: {', '.join([BASE, *chat.adapters])}; active: {chat.active}. "
+        f"[bold]trainer chat[/] models: {', '.join(chat.names())}; active: {chat.active}. "
         "Commands: /use NAME, /base, /reset, /quit"
     )
     history: list[dict] = []

@@ -120,16 +120,20 @@ def cmd_chat(args) -> int:
         if args.prompt:
             raise UserError("--prompt and --prompts: give one of them")
         prompts = chat.read_prompts(Path(args.prompts))  # before the model loads: a bad file fails at once
-        models = chat.load_chat_models(Path(args.run_dir) if args.run_dir else None, extra, args.model)
-        names = [chat.BASE, *models.adapters] if args.compare else [models.active]
+        models = chat.load_chat_models(
+            Path(args.run_dir) if args.run_dir else None, extra, args.model, with_base=args.compare
+        )
+        names = models.names() if args.compare else [models.active]
         out = chat.prompts_dir(Path(args.run_dir) if args.run_dir else None)
         chat.run_prompts(models, prompts, names, out, **gen)
         return 0
-    models = chat.load_chat_models(Path(args.run_dir) if args.run_dir else None, extra, args.model)
+    if args.compare and not args.prompt:
+        raise UserError("--compare needs --prompt or --prompts")
+    models = chat.load_chat_models(
+        Path(args.run_dir) if args.run_dir else None, extra, args.model, with_base=args.compare
+    )
     if args.compare:
-        if not args.prompt:
-            raise UserError("--compare needs --prompt or --prompts")
-        chat.print_side_by_side(chat.compare(models, args.prompt, [chat.BASE, *models.adapters], **gen))
+        chat.print_side_by_side(chat.compare(models, args.prompt, models.names(), **gen))
     elif args.prompt:
         print(chat.reply(models, [{"role": "user", "content": args.prompt}], **gen))
     else:

@@ -129,3 +129,43 @@ def test_prompt_and_prompts_together_are_refused(run_folder, tmp_path, capsys):
     prompts.write_text("Hello\n")
     assert main(["chat", str(run_folder), "--prompts", str(prompts), "--prompt", "x"]) == 2
     assert capsys.readouterr().err.strip() == "error: --prompt and --prompts: give one of them"
+
+
+def test_a_full_fine_tune_is_tuned_and_compare_loads_its_original_base(tiny_model_dir, tmp_path):
+    """A full fine-tune's own model answers as "tuned" (not "base"); --compare puts the recipe's original model
+    beside it as "base"."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.cli import main
+    from trainer.config import ModelArgs
+    from trainer.model import load_base
+    from trainer.tokenizer import run_tokenizer
+
+    run = tmp_path / "full"
+    run.mkdir()
+    recipe = {"model": {"name_or_path": str(tiny_model_dir)}, "lora": None, "data": {"path": "x.jsonl"}}
+    (run / "config.yaml").write_text(yaml.safe_dump({**recipe, "output_dir": str(run)}))
+    tuned = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tuned.save_pretrained(run / "model")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there\nWhat is 3 plus 4?\n")
+
+    assert main(["chat", str(run), "--prompts", str(prompts), "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(line) for line in (run / "eval" / "prompts.jsonl").read_text().splitlines()]
+    assert [sorted(r["replies"]) for r in rows] == [["tuned"], ["tuned"]]
+
+    assert main(["chat", str(run), "--prompts", str(prompts), "--compare", "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(line) for line in (run / "eval" / "prompts.jsonl").read_text().splitlines()]
+    tok = run_tokenizer(str(tiny_model_dir))
+    convs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    models = {
+        "base": load_base(ModelArgs(name_or_path=str(tiny_model_dir)), dtype=torch.float32, quantize=False),
+        "tuned": load_base(ModelArgs(name_or_path=str(run / "model")), dtype=torch.float32, quantize=False),
+    }
+    for name, model in models.items():
+        assert [r["replies"][name] for r in rows] == generate.generate(model.eval(), tok, convs, max_new_tokens=5)
+    assert [r["replies"]["base"] for r in rows] != [r["replies"]["tuned"] for r in rows]
