@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-EXTRAS ?= dev
+EXTRAS ?= dev,track
 PY := $(VENV)/bin/python
 
 .PHONY: demo test test-fast lint install

@@ -112,7 +112,7 @@ def save(
         try:
             _drop_accelerate_pickles(tmp / "accelerate")
             if adapter is not None:
-                save_adapter(accelerator, model, tmp / "adapter", adapter)
+                save_adapter(accelerator, model, tmp / "adapter", adapter, initial=initial_adapter_of(run_dir))
             if full is not None:
                 from safetensors.torch import save_file
 
@@ -195,11 +195,46 @@ def _trainable_numel(accelerator, model) -> int:
     return sum(p.numel() for p in accelerator.unwrap_model(model).parameters() if p.requires_grad)
 
 
-def save_adapter(accelerator, model, out: Path, state_dict: dict | None = None) -> None:
+def save_adapter(accelerator, model, out: Path, state_dict: dict | None = None, initial: Path | None = None) -> None:
     """The consolidated adapter, written by the caller's rank (rank 0). `state_dict`: from `trainable_state_dict`
-    (exact under DeepSpeed); None saves the unwrapped module's own weights (exact only without DeepSpeed)."""
+    (exact under DeepSpeed); None saves the unwrapped module's own weights (exact only without DeepSpeed).
+
+    `initial`: the PiSSA/OLoRA adapter as initialised (`save_initial_adapter`); the adapter is then converted by peft
+    (`path_initial_model_for_weight_conversion`: A' = [A; A0], B' = [B, -B0], rank 2r) into one that applies to the
+    ORIGINAL base weights. peft computes it from the module's weights (the state_dict cannot carry the initial
+    adapter), which are the fp32 masters without DeepSpeed; PiSSA/OLoRA are refused under DeepSpeed (train.py)."""
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
+    if initial is None:
+        unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
+        return
+    import warnings
+
+    was_training = unwrapped.training
+    with warnings.catch_warnings():  # peft loads the initial adapter beside the trained one to convert, and warns
+        # that PiSSA/OLoRA "should not be used with other adapters" and should be converted: what this does
+        warnings.filterwarnings("ignore", message=r"(PiSSA|OLoRA) changes the base weights")
+        unwrapped.save_pretrained(
+            str(out), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial)
+        )
+    unwrapped.train(was_training)
+
+
+def save_initial_adapter(model, folder: Path) -> None:
+    """Write the just-initialised PiSSA/OLoRA adapter to `folder` (peft's recipe: saved with init_lora_weights=True,
+    so that loading it later does not decompose the residual base again)."""
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        model.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+
+
+def initial_adapter_of(run_dir: Path) -> Path | None:
+    """RUN_DIR/initial_adapter when the run has one (PiSSA/OLoRA), else None."""
+    folder = RunDir(run_dir).initial_adapter
+    return folder if (folder / "adapter_config.json").is_file() else None
 
 
 def is_peft(accelerator, model) -> bool:
@@ -220,7 +255,9 @@ def trainable_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     if deepspeed:
         from deepspeed.utils import safe_get_full_fp32_param
     out = {}
-    for name, param in accelerator.unwrap_model(model).named_parameters():
+    # remove_duplicate=False: a tied trainable weight (lm_head/embed_tokens in modules_to_save) under each of its
+    # names, as peft's adapter saving looks up both
+    for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
         if not param.requires_grad:
             continue
         full = safe_get_full_fp32_param(param) if deepspeed else None
@@ -736,6 +773,7 @@ BREAKING = [
     "data.split_seed",
     "data.hub_split",
     "train.optimizer",
+    "train.loraplus_lr_ratio",  # the optimizer's param groups and their learning-rate ratios are in its state
 ]
 
 
@@ -765,11 +803,24 @@ def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
     return breaking, harmless
 
 
+def with_defaults(raw: dict) -> dict:
+    """A checkpoint's recipe with the keys it lacks (added to the recipe after it was written) at their defaults,
+    which is what they were when it was written."""
+    from trainer.config import to_dict
+
+    defaults = to_dict(Recipe())
+    out = dict(raw)
+    for section, values in defaults.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            out[section] = {**values, **raw[section]}
+    return out
+
+
 def check_compatible(ckpt: Path, recipe: Recipe) -> list[str]:
     """Raise UserError if the recipe changed in a way the checkpoint cannot follow; return harmless changes."""
     from trainer.config import to_dict
 
-    old = read_yaml_mapping(ckpt / "config.yaml", "the checkpoint's recipe")
+    old = with_defaults(read_yaml_mapping(ckpt / "config.yaml", "the checkpoint's recipe"))
     breaking, harmless = recipe_differences(old, to_dict(recipe))
     if breaking:
         raise UserError(

@@ -65,7 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_dir", nargs="?", help="a run folder (its base model and adapter)")
     c.add_argument("--model", help="a base model folder/hub id when no RUN_DIR is given")
     c.add_argument("--prompt", help="answer this one prompt and exit")
-    c.add_argument("--compare", action="store_true", help="base and every adapter side by side (needs --prompt)")
+    c.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="answer every prompt of FILE (one per line, or JSONL with prompt and optional reference) "
+        "-> RUN_DIR/eval/prompts.md and .jsonl",
+    )
+    c.add_argument(
+        "--compare", action="store_true", help="base and every adapter side by side (with --prompt or --prompts)"
+    )
     c.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="extra adapter (repeatable)")
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     c.add_argument("--top-p", type=float, default=0.9)
@@ -101,6 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--zero", type=int, choices=[0, 2], default=None, help="ZeRO stage (default: 2 when >1 GPU)")
     s.add_argument("--offload", action="store_true", help="ZeRO-2 optimizer offload to CPU")
+
+    w = sub.add_parser(
+        "sweep", parents=[common], help="train a grid of recipe variants one after the other, then compare them"
+    )
+    w.add_argument("recipe", help="YAML recipe")
+    w.add_argument("axes", nargs="*", help="key.path=v1,v2,... e.g. lora.r=4,8,16 lora=null train.lr=1e-4,3e-4")
+    w.add_argument("--name", help="sweep folder runs/NAME (default: the recipe file's stem)")
+    w.add_argument("--runs-root", default="runs", help="folder the sweep folder goes in (default: runs)")
+    w.add_argument("--gpus", type=int, help="screen every point with the memory estimator on N GPUs ...")
+    w.add_argument("--gpu-mem", type=float, help="... of this many GiB each; points that do not fit are skipped")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    k = sub.add_parser(
+        "compare", parents=[common], help="one table and overlaid plots over runs -> compare.md/.csv, PNGs"
+    )
+    k.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    k.add_argument("--out", help="output folder (default: compare/ beside the first run)")
 
     d = sub.add_parser(
         "demo", parents=[common], help="fine-tune the real SmolLM2-135M-Instruct on CPU and show what changed"
@@ -173,19 +198,26 @@ def cmd_chat(args) -> int:
             raise UserError(f"--adapter {item}: expected NAME=DIR")
         name, folder = item.split("=", 1)
         extra[name] = Path(folder)
-    if args.compare and not args.prompt:
-        raise UserError("--compare needs --prompt")
+    if args.prompts and args.prompt:
+        raise UserError("--prompt and --prompts: give one of them")
+    if args.compare and not (args.prompt or args.prompts):
+        raise UserError("--compare needs --prompt or --prompts")
     source = None
     if args.run_dir:
         from trainer.artifacts import tuned_source
 
-        source = tuned_source(args.run_dir, args.checkpoint, log=print)
+        source = tuned_source(args.run_dir, args.checkpoint, log=print)  # checked before torch is imported
     from trainer import chat
 
-    models = chat.load_chat_models(Path(args.run_dir) if args.run_dir else None, extra, args.model, source=source)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    prompts = chat.read_prompts(Path(args.prompts)) if args.prompts else None  # a bad file fails before loading
+    models = chat.load_chat_models(run_dir, extra, args.model, source=source, with_base=args.compare)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    if args.compare:
-        chat.print_side_by_side(chat.compare(models, args.prompt, [chat.BASE, *models.adapters], **gen))
+    if prompts is not None:
+        names = models.names() if args.compare else [models.active]
+        chat.run_prompts(models, prompts, names, chat.prompts_dir(run_dir), **gen)
+    elif args.compare:
+        chat.print_side_by_side(chat.compare(models, args.prompt, models.names(), **gen))
     elif args.prompt:
         print(chat.reply(models, [{"role": "user", "content": args.prompt}], **gen))
     else:
@@ -232,6 +264,28 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from trainer.sweep import run_sweep
+
+    run_sweep(
+        args.recipe,
+        args.axes,
+        name=args.name,
+        gpus=args.gpus,
+        gpu_mem_gib=args.gpu_mem,
+        runs_root=args.runs_root,
+        show_progress=not args.no_progress,
+    )
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from trainer.compare import compare_runs
+
+    compare_runs(args.run_dirs, args.out)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from trainer.demo import run_demo
 
@@ -249,6 +303,8 @@ COMMANDS = {
     "export": cmd_export,
     "estimate": cmd_estimate,
     "demo": cmd_demo,
+    "sweep": cmd_sweep,
+    "compare": cmd_compare,
 }
 
 
@@ -258,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     # overrides may come after options (`train r.yaml --no-progress train.lr=1e-4`)
     if unknown and hasattr(args, "overrides") and all("=" in u and not u.startswith("-") for u in unknown):
         args.overrides += unknown
+    elif unknown and hasattr(args, "axes") and all("=" in u and not u.startswith("-") for u in unknown):
+        args.axes += unknown
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

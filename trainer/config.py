@@ -20,6 +20,7 @@ import yaml
 from trainer.errors import UserError
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # the dtype vocabulary of recipes; trainer/dtypes.py maps it to torch and bytes
+TRACKERS = ("tensorboard", "csv", "wandb", "mlflow", "trackio")  # what train.report_to may name (trainer/tracking.py)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,22 @@ class LoraArgs:
     target_modules: Any = "all-linear"
     """`all-linear` (every Linear but the output head, peft's rule) or a list of module names such as
     [q_proj, v_proj]."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024, arXiv:2402.09353; peft `use_dora`): the update is split into a trained magnitude
+    vector per output feature and a LoRA direction. A few more parameters, slower steps; merges like LoRA."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA (Kalajdzievski 2023, arXiv:2312.03732; peft `use_rslora`): the update is scaled by
+    alpha / sqrt(r) instead of alpha / r, so high ranks keep learning."""
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    """How A and B start (peft `init_lora_weights`). `default`: peft's default, A Kaiming-uniform (a = sqrt(5)),
+    B zero; `gaussian`: A normal with std 1/r, B zero; `pissa` (arXiv:2404.02948): A, B from the top-r singular
+    vectors of W and W replaced by the residual; `olora` (arXiv:2406.01775): the same with a QR decomposition;
+    `loftq` (arXiv:2310.08659, QLoRA only: model.quantization=nf4): A, B chosen so that NF4(W) + B A is close to
+    W (peft `replace_lora_weights_loftq`). With pissa/olora the saved adapter is converted (peft
+    `path_initial_model_for_weight_conversion`, rank 2r) so that it applies to the ORIGINAL base."""
+    modules_to_save: list[str] | None = None
+    """Modules trained fully beside the adapter and saved with it (peft `modules_to_save`), e.g. [lm_head] or
+    [embed_tokens, lm_head] for new tokens; null: none."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +194,13 @@ class TrainArgs:
     """Rows per forward pass in evaluation (validation loss, `trainer eval`)."""
     max_eval_batches: int | None = None
     """Cap on validation batches per process at each eval (null: the whole validation split)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the B matrices (and 1-D adapter weights) learn at
+    lr * ratio, A at lr (peft `create_loraplus_optimizer`'s groups; the paper suggests 16). Needs lora. null: off."""
+    report_to: tuple = ("tensorboard", "csv")
+    """Where metrics go, any of tensorboard | csv | wandb | mlflow | trackio (csv: RUN_DIR/metrics.csv, which
+    `trainer compare` and the plots read; the others through accelerate's trackers; wandb, mlflow and trackio
+    need `pip install 'trainer[track]'`). Only rank 0 logs."""
 
     def global_batch(self, processes: int = 1) -> int:
         """Rows per optimizer step over all processes: micro_batch_size * grad_accum * processes.
@@ -480,6 +504,12 @@ def _coerce(hint, value):
     if hint is tuple or origin is tuple:
         ok = isinstance(value, (list, tuple))
         return ok, tuple(value) if ok else value, "a list"
+    if origin is list and args == (str,):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value)
+        return ok, list(value) if ok else value, "a list of names"
+    if hint is list or origin is list:
+        ok = isinstance(value, (list, tuple))
+        return ok, list(value) if ok else value, "a list"
     return True, value, "any"
 
 
@@ -604,6 +634,11 @@ def _problems(recipe: Recipe, where: str) -> list[tuple[str, str]]:
             tm == "all-linear" or (isinstance(tm, (list, tuple)) and tm and all(isinstance(x, str) and x for x in tm))
         ):
             bad("lora.target_modules", f"lora.target_modules={tm!r} must be 'all-linear' or a list of module names")
+    for line in _lora_variant_problems(recipe, where):
+        p.append(("lora", line))
+    for name in t.report_to:
+        if name not in TRACKERS:
+            bad("train.report_to", f"train.report_to: {name!r} is not a tracker; use any of {', '.join(TRACKERS)}")
     if not recipe.output_dir.strip():
         bad("output_dir", "output_dir is required")
     return p
@@ -671,9 +706,45 @@ def validate_datasets(d: DataArgs, where: str) -> list[str]:
     return p
 
 
+def _lora_variant_problems(recipe: Recipe, where: str) -> list[str]:
+    """Combinations of LoRA variants that peft cannot train, save or merge correctly: one line each."""
+    p, lora, t = [], recipe.lora, recipe.train
+    nf4 = recipe.model.quantization == "nf4"
+    if lora is None:
+        if t.loraplus_lr_ratio is not None:
+            p.append(f"{where}: train.loraplus_lr_ratio needs LoRA (lora: null is a full fine-tune); remove it")
+        return p
+    if t.loraplus_lr_ratio is not None and t.loraplus_lr_ratio <= 0:
+        p.append(f"{where}: train.loraplus_lr_ratio={t.loraplus_lr_ratio} must be positive (16 in the LoRA+ paper)")
+    if lora.init == "loftq" and not nf4:
+        p.append(f"{where}: lora.init=loftq is for QLoRA; set model.quantization: nf4 (or another lora.init)")
+    if lora.init in ("pissa", "olora"):
+        if nf4:
+            p.append(
+                f"{where}: lora.init={lora.init} with model.quantization=nf4 would quantize the residual base and "
+                "break the conversion to a plain adapter; use lora.init=loftq for QLoRA"
+            )
+        if lora.use_dora:
+            p.append(
+                f"{where}: lora.init={lora.init} with lora.use_dora: peft's conversion to a plain adapter drops "
+                "DoRA's magnitudes; use one of them"
+            )
+        if lora.modules_to_save:
+            p.append(
+                f"{where}: lora.init={lora.init} with lora.modules_to_save: peft's conversion to a plain adapter "
+                "drops modules_to_save; use one of them"
+            )
+    if lora.init == "loftq" and lora.use_dora:
+        p.append(f"{where}: lora.init=loftq with lora.use_dora: LoftQ sets A and B only, not DoRA's magnitudes")
+    if lora.modules_to_save is not None and not lora.modules_to_save:
+        p.append(f"{where}: lora.modules_to_save is an empty list; give module names or null")
+    return p
+
+
 def to_dict(recipe: Recipe) -> dict:
     out = dataclasses.asdict(recipe)
     out["train"]["adam_betas"] = list(out["train"]["adam_betas"])
+    out["train"]["report_to"] = list(out["train"]["report_to"])
     if isinstance(out["lora"], dict) and isinstance(out["lora"]["target_modules"], tuple):
         out["lora"]["target_modules"] = list(out["lora"]["target_modules"])
     return out

@@ -90,7 +90,12 @@ def evaluate_models(
             ppl = dataset_loss(
                 model, rows, batch_size=recipe.train.eval_batch_size, pad_id=tokenizer.pad_token_id, device=device
             )
-            entry = {"loss": ppl["loss"], "perplexity": ppl["ppl"], "tokens": ppl["tokens"]}
+            entry = {
+                "loss": ppl["loss"],
+                "perplexity": ppl["ppl"],
+                "token_accuracy": ppl["token_accuracy"],
+                "tokens": ppl["tokens"],
+            }
             targets = usable if exact_match else usable[:num_samples]
             greedy = generate(model, tokenizer, [c["prompt"] for c in targets], max_new_tokens=gen.max_new_tokens)
             if exact_match:
@@ -109,7 +114,8 @@ def evaluate_models(
                 s[f"{name}_greedy"], s[f"{name}_sampled"] = g, smp
             report[name] = entry
             log(
-                f"eval: {name}: loss {entry['loss']:.4f} ppl {entry['perplexity']:.3f}"
+                f"eval: {name}: loss {entry['loss']:.4f} ppl {entry['perplexity']:.3f} "
+                f"token accuracy {entry['token_accuracy']:.3f}"
                 + (f" exact match {entry['exact_match']:.3f} (n={len(targets)})" if exact_match else "")
             )
     report["samples"] = samples
@@ -123,13 +129,14 @@ def report_markdown(report: dict) -> str:
         "",
         f"Split: {report.get('split', '?')}",
         "",
-        "| model | exact match | perplexity | loss |",
-        "| --- | --- | --- | --- |",
+        "| model | exact match | perplexity | loss | token accuracy |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for n in names:
         e = report[n]
         em = f"{e['exact_match']:.3f}" if "exact_match" in e else "-"
-        lines.append(f"| {n} | {em} | {e['perplexity']:.3f} | {e['loss']:.4f} |")
+        acc = f"{e['token_accuracy']:.3f}" if "token_accuracy" in e else "-"
+        lines.append(f"| {n} | {em} | {e['perplexity']:.3f} | {e['loss']:.4f} | {acc} |")
     lines += ["", "## Samples", ""]
     for s in report["samples"]:
         lines += [f"### sample {s['id']}", "", f"**prompt:** {s['prompt']}", "", f"**reference:** {s['reference']}", ""]
@@ -245,7 +252,7 @@ def eval_run(
     run.eval_report.write_text(json.dumps(report, indent=1))
     (run.eval / "report.md").write_text(report_markdown(report))
     if run.metrics.exists():
-        plot_metrics(read_metrics(run.metrics), run.plots)
+        plot_metrics(read_metrics(run.metrics), run.plots, run.root.name)
     if deltas:
         write_weight_deltas_csv(deltas, run.eval / "weight_deltas.csv")
         plot_weight_deltas(deltas, run.plots / "weight_deltas.png")

@@ -15,7 +15,7 @@ from trainer.config import Recipe
 from trainer.data import IGNORE, collate, count_targets
 from trainer.distributed import is_deepspeed
 from trainer.flops import FlopsMeter
-from trainer.loss import dataset_loss, token_loss_sum
+from trainer.loss import dataset_loss, token_loss_stats
 from trainer.optim import lr_at, set_lr
 from trainer.run_dir import RunDir
 from trainer.state import TrainState, epoch_order, step_rows
@@ -105,16 +105,17 @@ def train_step(
     local = torch.tensor(float(sum(count_targets(b["labels"]) for b in batches)), dtype=torch.float64, device=device)
     n_targets = accelerator.reduce(local, reduction="sum").item()
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(n_targets, 1.0)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correctly predicted targets
     for batch in batches:
         n = len(batch["input_ids"])
         masks = lora_dropout.rows(*dropout_key, batch.get("row_ids", [-1] * n), batch.get("row_lengths", [0] * n))
         batch = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")}
         with accelerator.accumulate(model), accelerator.autocast(), masks:
-            step_loss, _ = token_loss_sum(model, batch, chunked_loss)
+            step_loss, _, correct = token_loss_stats(model, batch, chunked_loss)
             accelerator.backward(step_loss * scale)
-        loss_sum += step_loss.detach().double()
-    loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(n_targets, 1.0)
+        sums += torch.stack([step_loss.detach().double(), correct.double()])
+    loss_sum, correct = accelerator.reduce(sums, reduction="sum").tolist()
+    loss, token_accuracy = loss_sum / max(n_targets, 1.0), correct / max(n_targets, 1.0)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     grad_norm = float(grad_norm) if grad_norm is not None else _engine_grad_norm(model)
@@ -132,7 +133,13 @@ def train_step(
     elif finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm, "finite": finite, "targets": n_targets}
+    return {
+        "loss": loss,
+        "token_accuracy": token_accuracy,
+        "grad_norm": grad_norm,
+        "finite": finite,
+        "targets": n_targets,
+    }
 
 
 def _engine_grad_norm(model) -> float:
@@ -236,7 +243,7 @@ def train(
             window.add(counts, out["targets"], dt)
             meter.add(counts["tokens"], counts["len_sq"], dt)
             state.wall_time = wall_at_start + time.perf_counter() - session_start
-            last = {"loss": out["loss"], "grad_norm": out["grad_norm"]}
+            last = {"loss": out["loss"], "token_accuracy": out["token_accuracy"], "grad_norm": out["grad_norm"]}
             tracker.advance(state.step)
             is_last = state.step == plan.total_steps
             if state.step % t.log_every == 0 or is_last:
@@ -305,6 +312,7 @@ def _train_metrics(state: TrainState, out: dict, window: Window, meter: FlopsMet
     return {
         "epoch": state.epoch,
         "loss": out["loss"],
+        "token_accuracy": out["token_accuracy"],
         "lr": lr_at(state.step - 1, t, plan.total_steps),
         "grad_norm": out["grad_norm"],
         "tokens_per_s": window.tokens / window.time,
@@ -330,9 +338,10 @@ def validation_parts(data) -> dict:
 
 
 def _validate(model, parts: dict, t, accelerator, pad_id: int, state: TrainState, tracker) -> dict:
-    """Validation loss (and per dataset when several): the mean over every target token of the validation rows;
-    with several datasets the overall loss weighs each dataset's mean by its target tokens."""
-    losses, loss_sum, tokens = {}, 0.0, 0
+    """Validation loss, perplexity and token accuracy (and the loss per dataset when several): means over every
+    target token of the validation rows; with several datasets the overall figures weigh each dataset's means
+    by its target tokens."""
+    losses, loss_sum, correct, tokens = {}, 0.0, 0.0, 0
     for name, rows in parts.items():
         ev = dataset_loss(
             model,
@@ -346,16 +355,19 @@ def _validate(model, parts: dict, t, accelerator, pad_id: int, state: TrainState
             max_batches=t.max_eval_batches,
         )
         if name is None:
-            loss, ppl = ev["loss"], ev["ppl"]
+            loss, ppl, accuracy = ev["loss"], ev["ppl"], ev["token_accuracy"]
             break
         losses[f"eval/loss/{name}"] = ev["loss"]
         if ev["tokens"]:
             loss_sum, tokens = loss_sum + ev["loss"] * ev["tokens"], tokens + ev["tokens"]
+            correct += ev["token_accuracy"] * ev["tokens"]
     else:
         loss = loss_sum / tokens if tokens else float("nan")
         ppl = math.exp(min(loss, 50.0)) if tokens else float("nan")
-    tracker.log(state.step, {"epoch": state.epoch, "eval_loss": loss, "eval_ppl": ppl, **losses})
-    return {"eval_loss": loss, "eval_ppl": ppl, **losses}
+        accuracy = correct / tokens if tokens else float("nan")
+    metrics = {"eval_loss": loss, "eval_ppl": ppl, "eval_token_accuracy": accuracy, **losses}
+    tracker.log(state.step, {"epoch": state.epoch, **metrics})
+    return metrics
 
 
 def _check_finite(out: dict, state: TrainState, sample_ids: list[int], world: int, tracker, max_bad_steps: int):
@@ -393,8 +405,30 @@ def advance(state: TrainState, plan: Plan, *, samples: int, tokens: int, targets
 
 
 def peak_memory_gib() -> float:
+    """Peak memory since `reset_peak_memory`: CUDA memory allocated by torch, else the process's peak resident set
+    (Linux VmHWM; ru_maxrss where /proc is missing, which cannot be reset)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def reset_peak_memory() -> None:
+    """Start `peak_memory_gib` afresh (a sweep trains several runs in one process): CUDA's peak counter, and on
+    Linux the peak resident set (writing 5 to /proc/self/clear_refs, Linux >= 4.0)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass

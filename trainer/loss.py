@@ -17,7 +17,19 @@ def token_loss_sum(model, batch: dict, chunked: bool = True) -> tuple[torch.Tens
 
     A sum, not a mean: the loop divides by the target tokens of the whole optimizer step, so the loss and
     gradient do not depend on how samples are split into micro-batches, accumulation steps or ranks.
-    attention_mask stays None on purpose: position_ids restarts give the block-diagonal causal mask.
+    `token_loss_stats` also counts the correctly predicted targets (token accuracy).
+    """
+    loss, n, _ = token_loss_stats(model, batch, chunked)
+    return loss, n
+
+
+def token_loss_stats(model, batch: dict, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss sum, target tokens, correct targets) for one batch: `token_loss_sum` plus the number of target
+    tokens whose argmax logit is the label (token accuracy = correct / targets; no gradient flows through it).
+
+    The count comes from the logits the loss already computes (each chunk's argmax in the chunked path), so it
+    costs no extra memory. Ties go to the lowest token id, as `torch.argmax`. attention_mask stays None on
+    purpose: position_ids restarts give the block-diagonal causal mask.
     """
     import torch.nn.functional as F
 
@@ -28,13 +40,15 @@ def token_loss_sum(model, batch: dict, chunked: bool = True) -> tuple[torch.Tens
     if captured:  # the model's logits were never built: cross-entropy from lm_head's input, in chunks
         mask = targets != IGNORE
         hidden = captured[0][:, :-1][mask]
-        loss = ChunkedCrossEntropy.apply(hidden, head.weight, targets[mask], torch.is_grad_enabled())
-        return loss, mask.sum()
-    logits = out.logits
+        loss, correct = ChunkedCrossEntropy.apply(hidden, head.weight, targets[mask], torch.is_grad_enabled())
+        return loss, mask.sum(), correct
+    logits = out.logits[:, :-1]
     loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
-    return loss, (targets != IGNORE).sum()
+    mask = targets != IGNORE
+    correct = (logits.detach().argmax(-1) == targets)[mask].sum()
+    return loss, mask.sum(), correct
 
 
 # ----------------------------------------------------------------------------------------------- chunked loss
@@ -106,7 +120,8 @@ class lm_head_input:  # noqa: N801 - used as a context manager, like torch's
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i) over (T, d) hidden rows, a chunk of rows at a time.
+    """(sum_i CE(hidden_i @ weight.T, target_i), #{i: argmax_v (hidden_i @ weight.T)_v == target_i}) over (T, d)
+    hidden rows, a chunk of rows at a time. The count (token accuracy's numerator, int64) has no gradient.
 
     The loss is a sum, so d(loss)/d(logits) = softmax - onehot is known in the forward: each chunk's gradients
     into hidden (and into weight when it trains) are computed there and only scaled by the incoming gradient
@@ -120,12 +135,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         need_w = grad_enabled and ctx.needs_input_grad[1]
         rows = max(1, CE_CHUNK_BYTES // (4 * weight.shape[0]))
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows], targets[start : start + rows]
             logits = torch.matmul(h, weight.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
+            correct += (logits.argmax(dim=-1) == t).sum()  # before the in-place softmax below
             total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
             if need_h or need_w:
                 probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
@@ -137,10 +154,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
-        return total
+        ctx.mark_non_differentiable(correct)
+        return total, correct
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_correct):
         saved = list(ctx.saved_tensors)
         grad_h = None
         if ctx.has[0]:
@@ -163,12 +181,14 @@ def dataset_loss(
     reduce=None,
     max_batches: int | None = None,
 ) -> dict:
-    """Mean next-token loss over every target token of `rows` (rank r takes rows r, r+world, ...).
+    """Mean next-token loss, perplexity and token accuracy over every target token of `rows` (rank r takes rows
+    r, r+world, ...): {"loss", "ppl", "token_accuracy", "tokens"}.
 
-    `reduce(tensor)` sums across ranks (accelerator.reduce); perplexity is exp(mean token loss). Every rank runs
-    the same number of forward passes, the most any rank needs: a rank whose rows ran out (fewer rows than
-    processes, or an uneven split) runs a one-token batch with no target, which adds nothing to the sums, so a
-    model wrapper that communicates inside forward cannot leave one rank waiting, and `reduce` is reached by all.
+    `reduce(tensor)` sums across ranks (accelerator.reduce); perplexity is exp(mean token loss); token accuracy is
+    the share of target tokens whose argmax prediction is the label. Every rank runs the same number of forward
+    passes, the most any rank needs: a rank whose rows ran out (fewer rows than processes, or an uneven split) runs
+    a one-token batch with no target, which adds nothing to the sums, so a model wrapper that communicates inside
+    forward cannot leave one rank waiting, and `reduce` is reached by all.
     """
     was_training = model.training
     model.eval()
@@ -177,16 +197,21 @@ def dataset_loss(
     if max_batches is not None:
         mine, n_batches = mine[: max_batches * batch_size], min(n_batches, max_batches)
     empty = [{"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}]
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
     for start in range(0, n_batches * batch_size, batch_size):
         part = mine[start : start + batch_size]
         batch = collate(rows.select(part) if part else empty, pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss_sum, n = token_loss_sum(model, batch)
-        totals += torch.stack([loss_sum.double(), n.double()])
+        loss_sum, n, correct = token_loss_stats(model, batch)
+        totals += torch.stack([loss_sum.double(), n.double(), correct.double()])
     if reduce is not None:
         totals = reduce(totals)
     model.train(was_training)
-    loss_sum, n = totals.tolist()
+    loss_sum, n, correct = totals.tolist()
     loss = loss_sum / n if n else float("nan")
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)) if n else float("nan"), "tokens": int(n)}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)) if n else float("nan"),
+        "token_accuracy": correct / n if n else float("nan"),
+        "tokens": int(n),
+    }

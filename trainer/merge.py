@@ -96,6 +96,8 @@ def merge_run(run_dir: Path, log=print, source: Tuned | None = None, dtype: str 
         "max_abs_diff_merged_vs_adapter": float((merged_logits - with_adapter).abs().max()),
     }
     log(f"merge: max |logits(merged) - logits(base + adapter)| = {report['max_abs_diff_merged_vs_adapter']:.3g}")
+    if recipe.lora.init == "loftq":
+        report["base"] = "the de-quantized NF4 base (LoftQ: the adapter corrects the NF4 quantization error)"
     if recipe.model.quantization == "nf4":
         q = load_tuned(recipe, adapter, quantized=True, device_map={"": device}, vocab_size=len(tokenizer))
         diff = (logits_of(q, inputs) - merged_logits).abs()

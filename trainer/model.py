@@ -161,6 +161,8 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     if lora is not None:
         model = apply_lora(model, lora, new_token_ids)
+        if lora.init == "loftq":
+            loftq_init(model, cfg.name_or_path, log=log)
     trainable, total = count_parameters(model)
     log(
         f"model: {trainable:,} trainable of {total:,} parameters ({trainable_share(trainable, total):.3f}%)"
@@ -183,25 +185,93 @@ def _trainable_tokens(model, ids: list[int]):
     return {names[emb].split(".")[-1]: ids, names[head].split(".")[-1]: ids}
 
 
-def apply_lora(model, lora: LoraArgs, new_token_ids: list[int] = ()):
+PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
+"""`lora.init` -> peft's `init_lora_weights`. loftq starts from peft's default and is then replaced by `loftq_init`
+(on the 4-bit model, like peft's `replace_lora_weights_loftq`)."""
+CONVERTED_INITS = ("pissa", "olora")
+"""Inits that change the base weights: their adapters are saved converted for the original base (`save_adapter`)."""
+
+
+def lora_config(lora: LoraArgs, trainable_tokens=None):
+    """The peft LoraConfig of the recipe's `lora:` section; `trainable_tokens`: peft's `trainable_token_indices`
+    (`_trainable_tokens`: rows of tokens the run added)."""
     import peft
 
     target = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
-    config = peft.LoraConfig(
+    return peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=target,
         task_type="CAUSAL_LM",
         bias="none",
-        trainable_token_indices=_trainable_tokens(model, list(new_token_ids)),
+        trainable_token_indices=trainable_tokens,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=PEFT_INIT[lora.init],
+        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
+        # a tied lm_head/embed_tokens in modules_to_save stays one trained tensor (else the merged model's saved
+        # config ties them again and one of the two trained copies is lost; peft warns about exactly this)
+        ensure_weight_tying=bool(lora.modules_to_save),
     )
+
+
+def apply_lora(model, lora: LoraArgs, new_token_ids: list[int] = ()):
+    """The peft model with the recipe's LoRA (variants included), and the rows of `new_token_ids` (tokens the run
+    added for its chat template) trained; UserError naming the key when peft refuses."""
+    import peft
+
     try:
-        model = peft.get_peft_model(model, config)
+        model = peft.get_peft_model(model, lora_config(lora, _trainable_tokens(model, list(new_token_ids))))
     except ValueError as err:
-        raise UserError(f"lora.target_modules={lora.target_modules!r}: {str(err).splitlines()[0]}") from None
+        names = f"lora.target_modules={lora.target_modules!r}"
+        if lora.modules_to_save:
+            names += f", lora.modules_to_save={lora.modules_to_save!r}"
+        raise UserError(f"{names}: {str(err).splitlines()[0]}") from None
     lora_dropout.install(model)  # masks independent of the number of processes (trainer/lora_dropout.py)
     return model
+
+
+def loftq_init(peft_model, name_or_path: str, log=print) -> int:
+    """LoftQ (arXiv:2310.08659) for QLoRA: for every 4-bit LoRA layer, A and B from the top-r SVD of the
+    quantization error W - NF4(W), so that NF4(W) + scale * B @ A is close to the original W. Returns the layers set.
+
+    The steps of peft's `replace_lora_weights_loftq` (peft/utils/loftq_utils.py), with its own safetensors reader and
+    SVD (`_SafetensorLoader`, `_low_rank_decomposition`), run on the weight's device: peft's function moves the
+    weights to CUDA unconditionally. Two details differ, on purpose: B is divided by the LoRA scale (peft assumes a
+    scale of 1, exact only when alpha == r), and the original weights must be a local safetensors model.
+    """
+    import bitsandbytes as bnb
+    from peft.tuners.lora import Linear4bit
+    from peft.utils.loftq_utils import _low_rank_decomposition, _SafetensorLoader
+
+    folder, extra = source_args(name_or_path)
+    weights = Path(folder) / "model.safetensors"
+    if extra or not (weights.is_file() or weights.with_suffix(".safetensors.index.json").is_file()):
+        raise UserError(
+            f"lora.init=loftq reads the original weights from a local safetensors model; {name_or_path} has none "
+            "(a hub id or .gguf): download or convert it to a folder first"
+        )
+    loader = _SafetensorLoader(peft_model, str(weights))
+    count = 0
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if not isinstance(module, Linear4bit):
+                continue
+            original = loader.get_tensor(name.removeprefix("base_model.model.") + ".weight")
+            weight = module.get_base_layer().weight
+            original = original.to(weight.device, torch.float32)
+            error = original - bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+            r = module.r["default"]
+            parts = _low_rank_decomposition(error, reduced_rank=r)
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            a.copy_(parts["R"].to(a.dtype))
+            b.copy_((parts["L"] / module.scaling["default"]).to(b.dtype))
+            count += 1
+    if not count:
+        raise UserError("lora.init=loftq: no 4-bit LoRA layer found; it needs model.quantization: nf4")
+    log(f"model: LoftQ init of {count} LoRA layers from the quantization error of {weights}")
+    return count
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -226,19 +296,27 @@ def load_tuned(
 ):
     """The recipe's base (unquantized, in the compute dtype or `dtype` ("fp32"/"bf16"/"fp16"), unless `quantized`)
     + the PEFT adapter in `adapter`, in eval mode. `vocab_size`: the run's tokenizer length (embeddings resized
-    when the run added tokens)."""
+    when the run added tokens).
+
+    A LoftQ adapter (lora.init=loftq) corrects the NF4 quantization error of the base it was trained on, so its
+    unquantized base is the de-quantized NF4 weights (transformers' `dequantize()`), not the original ones: the
+    original weights + the adapter would count the quantization error twice."""
     from peft import PeftModel
 
     from trainer.preflight import check_adapter_folder
 
     check_adapter_folder(adapter)
+    dtype = torch_dtype(dtype or recipe.model.dtype)
+    loftq = recipe.lora is not None and recipe.lora.init == "loftq"
     base = load_base(
         recipe.model,
-        dtype=torch_dtype(dtype or recipe.model.dtype),
-        quantize=quantized,
+        dtype=dtype,
+        quantize=quantized or loftq,
         device_map=device_map,
         vocab_size=vocab_size,
     )
+    if loftq and not quantized:
+        base = base.dequantize(dtype=dtype)
     try:
         return PeftModel.from_pretrained(base, str(adapter)).eval()
     except load_errors() as err:

@@ -42,18 +42,33 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model, cfg: TrainArgs):
-    groups = param_groups(model, cfg.weight_decay)
+    """AdamW (torch or bitsandbytes 8-bit) over the trainable parameters. With `train.loraplus_lr_ratio` the groups
+    are LoRA+'s (peft's `create_loraplus_optimizer`: B matrices and 1-D adapter weights at lr * ratio); every group
+    keeps its `lr_ratio` to the recipe's lr, which `set_lr` applies at each step of the schedule."""
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas))
     if cfg.optimizer == "adamw":
-        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+        on_cuda = all(p.is_cuda for p in model.parameters() if p.requires_grad)
         # fused runs one kernel for all parameters on GPU; foreach is the fast path on CPU
-        return torch.optim.AdamW(groups, fused=on_cuda or None, foreach=None if on_cuda else True, **kwargs)
-    import bitsandbytes as bnb
+        cls, kwargs = torch.optim.AdamW, {**kwargs, "fused": on_cuda or None, "foreach": None if on_cuda else True}
+    else:
+        import bitsandbytes as bnb
 
-    cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
-    return cls(groups, **kwargs)
+        cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    if cfg.loraplus_lr_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(
+            model, cls, loraplus_lr_ratio=cfg.loraplus_lr_ratio, loraplus_weight_decay=cfg.weight_decay, **kwargs
+        )
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    else:
+        optimizer = cls(param_groups(model, cfg.weight_decay), **kwargs)
+    for group in optimizer.param_groups:
+        group["lr_ratio"] = group["lr"] / cfg.lr
+    return optimizer
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Every group's learning rate for this step: `lr` times the group's `lr_ratio` (1 but for LoRA+ groups)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)

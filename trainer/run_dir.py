@@ -8,6 +8,7 @@
       tensorboard/         TensorBoard scalars                          RunDir.tensorboard
       checkpoints/         step-N/ folders and `latest` (checkpoint.py) RunDir.checkpoints
       adapter/             final LoRA adapter + tokenizer               RunDir.adapter
+      initial_adapter/     PiSSA/OLoRA adapter as initialised           RunDir.initial_adapter
       model/               final full fine-tune + tokenizer             RunDir.model
       merged/              `trainer merge` output                       RunDir.merged
       merged-step-N/       `trainer merge --checkpoint` output          RunDir.merged_from
@@ -74,6 +75,11 @@ class RunDir:
     @property
     def adapter(self) -> Path:
         return self.root / "adapter"
+
+    @property
+    def initial_adapter(self) -> Path:
+        """The PiSSA/OLoRA adapter as initialised, before training: what converts the saved adapters."""
+        return self.root / "initial_adapter"
 
     @property
     def model(self) -> Path:

@@ -1,5 +1,6 @@
-"""Metrics out: CSV, TensorBoard scalars and a rich progress bar. Built on rank 0 only (`make_tracker`
-returns a no-op elsewhere), so no other module has to ask which rank it is on before logging.
+"""Metrics out: metrics.csv (ours), the trackers of `train.report_to` (TensorBoard, W&B, MLflow, trackio, through
+accelerate's tracker classes) and a rich progress bar. Built on rank 0 only (`make_tracker` returns a no-op
+elsewhere), so no other module has to ask which rank it is on before logging.
 
 Without a progress bar (`--no-progress`, or stdout not a terminal: a log file, a SLURM job) every logged step
 and every eval is one plain line (step, loss, lr, tokens/s, ETA; eval loss and perplexity), so a run is never
@@ -10,6 +11,7 @@ and renames it over the old one, so a kill at any moment leaves the whole histor
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import time
 from pathlib import Path
@@ -17,10 +19,14 @@ from pathlib import Path
 from trainer.errors import UserError
 from trainer.run_dir import RunDir
 
+OPTIONAL_TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+"""Tracker -> the package it needs, installed by the `track` extra (`pip install 'trainer[track]'`)."""
+
 CSV_FIELDS = [
     "step",
     "epoch",
     "loss",
+    "token_accuracy",
     "lr",
     "grad_norm",
     "tokens_per_s",
@@ -32,12 +38,14 @@ CSV_FIELDS = [
     "elapsed_s",
     "eval_loss",
     "eval_ppl",
+    "eval_token_accuracy",
     "skipped",
     "tflops",
     "mfu",
 ]  # model TFLOP/s per device; MFU only where the device's peak is known
 TB_NAMES = {
     "loss": "train/loss",
+    "token_accuracy": "train/token_accuracy",
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
     "tokens_per_s": "train/tokens_per_s",
@@ -45,25 +53,99 @@ TB_NAMES = {
     "mem_gib": "memory/peak_gib",
     "eval_loss": "eval/loss",
     "eval_ppl": "eval/ppl",
+    "eval_token_accuracy": "eval/token_accuracy",
     "tflops": "perf/model_tflops",
     "mfu": "perf/mfu",
 }
 
 
-class Tracker:
-    def __init__(self, run: RunDir, total_steps: int, start_step: int, show_progress: bool = True, extra_fields=()):
-        from torch.utils.tensorboard import SummaryWriter
+def check_report_to(report_to) -> None:
+    """UserError (one line) when a tracker of `report_to` needs a package that is not installed. Called before
+    anything heavy loads."""
+    for name in report_to:
+        package = OPTIONAL_TRACKERS.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"train.report_to: {name} needs the `{package}` package, which is not installed; "
+                f"install the extra: pip install 'trainer[track]' (or remove {name} from train.report_to)"
+            )
 
-        self.csv_path = run.metrics
-        self.extra = list(extra_fields)  # e.g. eval/loss/NAME per dataset: a CSV column and a TensorBoard tag each
-        fields = CSV_FIELDS + self.extra
-        keep_rows_up_to(run, start_step, fields)  # a resumed run drops what came after its checkpoint (new file)
-        new = not self.csv_path.exists()
-        self._csv_file = self.csv_path.open("a", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=fields, extrasaction="ignore")
-        if new:
-            self._csv.writeheader()
-        self.tb = SummaryWriter(str(run.tensorboard), purge_step=start_step or None)
+
+def accelerate_trackers(report_to, run: RunDir, start_step: int) -> list:
+    """accelerate's tracker objects for `report_to` (csv excluded: ours), not started yet.
+
+    Names: the run name is the run folder's name, the project (W&B, trackio) / experiment (MLflow) its parent
+    folder's name (`runs/sweep/lora.r=4` -> project `sweep`, run `lora.r=4`); WANDB_PROJECT and
+    MLFLOW_EXPERIMENT_NAME override the project. TensorBoard writes RUN_DIR/tensorboard (a resumed run purges the
+    events after its checkpoint's step), W&B RUN_DIR/wandb; MLflow's store is MLFLOW_TRACKING_URI (mlflow's default
+    otherwise), trackio's its own.
+    """
+    import os
+
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
+
+    check_report_to(report_to)
+    root = run.root.resolve()
+    name, project = root.name, root.parent.name or "trainer"
+    out = []
+    for kind in report_to:
+        if kind == "tensorboard":
+            out.append(TensorBoardTracker(run.tensorboard.name, str(run.root), purge_step=start_step or None))
+        elif kind == "wandb":
+            out.append(WandBTracker(os.environ.get("WANDB_PROJECT", project), name=name, dir=str(run.root)))
+        elif kind == "mlflow":
+            out.append(MLflowTracker(experiment_name=project, run_name=name))
+        elif kind == "trackio":
+            out.append(TrackioTracker(project, name=name))
+    return out
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    """A nested recipe dict as one level of `section.key` -> bool/int/float/str (lists and mappings as YAML flow
+    text, None as "null"): what every tracker accepts as hyperparameters."""
+    import yaml
+
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "columns":
+            out.update(flat_hparams(value, f"{prefix}{key}."))
+        elif value is None:
+            out[prefix + key] = "null"
+        elif isinstance(value, (bool, int, float, str)):
+            out[prefix + key] = value
+        else:
+            out[prefix + key] = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return out
+
+
+class Tracker:
+    def __init__(
+        self,
+        run: RunDir,
+        total_steps: int,
+        start_step: int,
+        show_progress: bool = True,
+        report_to=("tensorboard", "csv"),
+        hparams: dict | None = None,
+        extra_fields=(),
+    ):
+        self.csv_path = run.metrics if "csv" in report_to else None
+        self.extra = list(extra_fields)  # e.g. eval/loss/NAME per dataset: a CSV column and a tracker tag each
+        if self.csv_path is not None:
+            fields = CSV_FIELDS + self.extra
+            keep_rows_up_to(run, start_step, fields)  # a resumed run drops what came after its checkpoint (new file)
+            new = not self.csv_path.exists()
+            self._csv_file = self.csv_path.open("a", newline="")
+            self._csv = csv.DictWriter(self._csv_file, fieldnames=fields, extrasaction="ignore")
+            if new:
+                self._csv.writeheader()
+        # accelerate's trackers; the hyperparameters once per session (not to TensorBoard, whose hparams plugin
+        # adds two timestamped folders per call: the recipe is config.yaml beside it)
+        self.trackers = accelerate_trackers(report_to, run, start_step)
+        for tracker in self.trackers:
+            tracker.start()
+            if hparams and tracker.name != "tensorboard":
+                tracker.store_init_configuration(hparams)
         self.total_steps, self.start_step, self.started = total_steps, start_step, time.perf_counter()
         self.progress = None
         if show_progress:
@@ -80,13 +162,18 @@ class Tracker:
             self.progress.start()
 
     def log(self, step: int, metrics: dict) -> None:
-        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
-        self._csv.writerow({"step": step, **row})
-        self._csv_file.flush()
+        if self.csv_path is not None:
+            row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+            self._csv.writerow({"step": step, **row})
+            self._csv_file.flush()
+        named = {}
         for key, name in [*TB_NAMES.items(), *((k, k) for k in self.extra)]:
             value = metrics.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(name, value, step)
+                named[name] = value
+        for tracker in self.trackers:
+            if named:
+                tracker.log(named, step=step)
         if self.progress is not None and "loss" in metrics:
             self.progress.update(
                 self.task,
@@ -126,7 +213,10 @@ class Tracker:
         again here: the error that stopped the run is the one reported."""
         if self.progress is not None:
             self.progress.stop()
-        for close in (self.tb.close, self._csv_file.close):
+        for close in [
+            *(tracker.finish for tracker in self.trackers),
+            *([self._csv_file.close] if self.csv_path else []),
+        ]:
             try:
                 close()
             except OSError:
@@ -148,10 +238,21 @@ class NullTracker:
 
 
 def make_tracker(
-    is_main: bool, run: RunDir, total_steps: int, start_step: int, show_progress: bool = True, extra_fields=()
+    is_main: bool,
+    run: RunDir,
+    total_steps: int,
+    start_step: int,
+    show_progress: bool = True,
+    report_to=("tensorboard", "csv"),
+    hparams: dict | None = None,
+    extra_fields=(),
 ):
-    """The Tracker on rank 0, a no-op elsewhere. `extra_fields`: metrics beyond CSV_FIELDS (eval/loss/NAME)."""
-    return Tracker(run, total_steps, start_step, show_progress, extra_fields) if is_main else NullTracker()
+    """The Tracker on rank 0 (metrics.csv when `report_to` has csv, accelerate's trackers for the rest, the
+    hyperparameters `hparams` logged once), a no-op elsewhere: only rank 0 logs. `extra_fields`: metrics beyond
+    CSV_FIELDS (eval/loss/NAME per dataset)."""
+    if not is_main:
+        return NullTracker()
+    return Tracker(run, total_steps, start_step, show_progress, report_to, hparams, extra_fields)
 
 
 def keep_rows_up_to(run: RunDir, step: int, fields: list[str] | None = None) -> None:

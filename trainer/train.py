@@ -15,20 +15,30 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
-from trainer.config import Recipe, dump_yaml, recipe_hash
+from trainer.arch import trainable_share
+from trainer.config import Recipe, dump_yaml, recipe_hash, to_dict
 from trainer.data import describe, prepare_data
-from trainer.distributed import build_accelerator, describe_launch, is_main, world_info
+from trainer.distributed import build_accelerator, describe_launch, is_deepspeed, is_main, world_info
 from trainer.dtypes import MIXED_PRECISION
 from trainer.errors import UserError
 from trainer.files import as_storage_error, atomic_write_text, disk_error
-from trainer.loop import PREEMPTED_EXIT, NonFiniteLoss, StopRequest, StopSignal, make_plan, peak_memory_gib, train
-from trainer.model import build_model
+from trainer.loop import (
+    PREEMPTED_EXIT,
+    NonFiniteLoss,
+    StopRequest,
+    StopSignal,
+    make_plan,
+    peak_memory_gib,
+    reset_peak_memory,
+    train,
+)
+from trainer.model import CONVERTED_INITS, build_model, count_parameters
 from trainer.optim import build_optimizer
 from trainer.packing_check import packing_isolation
 from trainer.run_dir import FRESH, RESTART, RESUME, RunDir, check_output_dir, move_aside, restart_or_refuse
 from trainer.state import TrainState
 from trainer.tokenizer import RunTokenizer, run_tokenizer, save_tokenizer
-from trainer.tracking import make_tracker
+from trainer.tracking import check_report_to, flat_hparams, make_tracker
 
 
 def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_progress: bool = True) -> dict:
@@ -38,6 +48,8 @@ def run(recipe: Recipe, *, resume: str | None = None, fresh: bool = False, show_
     setup exits with PREEMPTED_EXIT and nothing saved; during the loop the step finishes, a checkpoint is saved
     and the exit code is PREEMPTED_EXIT; after the last step the run completes its final save and exits 0."""
     started = time.perf_counter()
+    reset_peak_memory()  # this run's peak, also when a sweep trains several runs in one process
+    check_report_to(recipe.train.report_to)  # a missing tracker package: one line, before anything loads
     run = RunDir(recipe.output_dir)
     decision = check_output_dir(run, recipe, fresh=fresh, resume=resume)  # before anything is written or loaded
     stop = StopRequest(raising=True).install()
@@ -64,7 +76,7 @@ def _run(recipe: Recipe, run: RunDir, decision: str, resume, show_progress: bool
     tokenizer = chat.tokenizer
     log(_describe_chat(chat))
     data, data_prepare_s = _setup_data(recipe, tokenizer, accelerator, log, ckpt)
-    model, optimizer, model_load_s = _setup_model(recipe, accelerator, log, chat)
+    model, optimizer, model_load_s, params = _setup_model(recipe, accelerator, run, log, chat)
     # `used`: the data settings as trained (packing off after a failed check) for the data and the step plan;
     # config.yaml and checkpoints keep the user's recipe, so a resume decides the same way again.
     packing, used = None, recipe
@@ -92,7 +104,16 @@ def _run(recipe: Recipe, run: RunDir, decision: str, resume, show_progress: bool
         _claim(run, recipe)
     accelerator.wait_for_everyone()
     per_dataset = [f"eval/loss/{name}" for name in data.names] if len(data.names) > 1 and data.val else []
-    tracker = make_tracker(accelerator.is_main_process, run, plan.total_steps, state.step, show_progress, per_dataset)
+    tracker = make_tracker(
+        accelerator.is_main_process,
+        run,
+        plan.total_steps,
+        state.step,
+        show_progress,
+        report_to=recipe.train.report_to,
+        hparams=flat_hparams(to_dict(recipe)),
+        extra_fields=per_dataset,
+    )
     log(
         f"train: {plan.total_steps} steps of {plan.rows_per_step} rows ({plan.steps_per_epoch} per epoch); "
         f"{describe_launch(world_info(accelerator))}"
@@ -106,8 +127,9 @@ def _run(recipe: Recipe, run: RunDir, decision: str, resume, show_progress: bool
         raise UserError(str(err)) from None
     finally:
         tracker.close()
+    saved = {}
     if not last.get("preempted"):
-        _save_final(accelerator, model, tokenizer, run)  # every rank: the adapter is gathered collectively
+        saved = _save_final(accelerator, model, tokenizer, run)  # every rank: the adapter is gathered collectively
     summary = _summary(
         accelerator,
         state,
@@ -117,6 +139,8 @@ def _run(recipe: Recipe, run: RunDir, decision: str, resume, show_progress: bool
         started=started,
         model_load_s=model_load_s,
         data_prepare_s=data_prepare_s,
+        params=params,
+        saved=saved,
     )
     summary["tokenizer"] = chat.summary()
     summary["packing"] = (
@@ -204,8 +228,21 @@ def _check_packing(accelerator, model) -> dict:
     return result
 
 
-def _setup_model(recipe: Recipe, accelerator, log, chat: RunTokenizer):
-    """(model, optimizer) prepared by accelerate, with the checkpoint hooks installed, and the load seconds."""
+def _setup_model(recipe: Recipe, accelerator, run: RunDir, log, chat: RunTokenizer):
+    """(model, optimizer) prepared by accelerate, with the checkpoint hooks installed, the load seconds, and the
+    parameter counts {"trainable_params", "total_params", "trainable_share"} (percent, `arch.trainable_share`: the
+    one definition the log line and the estimator use; 4-bit weights count 2 per byte).
+
+    PiSSA / OLoRA change the base weights when they initialise the adapter: that initial adapter is written to
+    RUN_DIR/initial_adapter (rank 0; the same every time, the SVD/QR of the same weights) so that every adapter saved
+    later is converted into one for the original base (`checkpoint.save_adapter`)."""
+    if recipe.lora is not None and recipe.lora.init in CONVERTED_INITS and is_deepspeed(accelerator):
+        raise UserError(
+            f"lora.init={recipe.lora.init} is not supported under DeepSpeed (its adapter conversion reads the "
+            "module's weights, which ZeRO keeps in partitions); launch without DeepSpeed or use lora.init=default"
+        )
+    if recipe.lora is not None and recipe.lora.init == "loftq" and recipe.model.quantization != "nf4":
+        raise UserError("lora.init=loftq needs model.quantization: nf4")
     t0 = time.perf_counter()
     model = build_model(
         recipe.model,
@@ -216,11 +253,19 @@ def _setup_model(recipe: Recipe, accelerator, log, chat: RunTokenizer):
         new_token_ids=chat.new_token_ids,
     )
     seconds = time.perf_counter() - t0
+    if recipe.lora is not None and recipe.lora.init in CONVERTED_INITS and accelerator.is_main_process:
+        checkpoint.save_initial_adapter(model, run.initial_adapter)
     log(f"model: loaded in {seconds:.1f} s")
+    trainable, total = count_parameters(model)
+    params = {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable_share(trainable, total),
+    }
     optimizer = build_optimizer(model, recipe.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpoint.install_trainable_only_hook(accelerator)
-    return model, optimizer, seconds
+    return model, optimizer, seconds, params
 
 
 def _summary(
@@ -233,8 +278,12 @@ def _summary(
     started: float,
     model_load_s: float,
     data_prepare_s: float,
+    params: dict,
+    saved: dict,
 ) -> dict:
-    """run_summary.json: where the run ended, throughput of this session, timings, final losses and FLOP rates."""
+    """run_summary.json: where the run ended, throughput of this session, timings, final losses and FLOP rates,
+    parameter counts, and the bytes of the saved weights (`adapter_bytes`: the adapter's safetensors; `model_bytes`:
+    a full fine-tune's; null when the run was preempted before its final save)."""
     return {
         **world_info(accelerator),
         "steps": state.step,
@@ -249,8 +298,13 @@ def _summary(
         "steps_this_session": state.step - before["step"],
         "peak_mem_gib": round(peak_memory_gib(), 3),
         "final_loss": last.get("loss"),
+        "final_token_accuracy": last.get("token_accuracy"),
         "final_eval_loss": last.get("eval_loss"),
         "final_eval_ppl": last.get("eval_ppl"),
+        "final_eval_token_accuracy": last.get("eval_token_accuracy"),
+        **params,
+        "adapter_bytes": saved.get("adapter_bytes"),
+        "model_bytes": saved.get("model_bytes"),
         "data": data_stats,
         "preempted": bool(last.get("preempted")),
         "model_load_s": round(model_load_s, 3),
@@ -359,19 +413,20 @@ def _device_map(recipe: Recipe, accelerator):
     return {"": accelerator.device.index if accelerator.device.type == "cuda" else "cpu"}
 
 
-def _save_final(accelerator, model, tokenizer, run: RunDir) -> None:
+def _save_final(accelerator, model, tokenizer, run: RunDir) -> dict:
     """Every rank calls it (under DeepSpeed the adapter's fp32 weights are gathered collectively); rank 0 writes
     adapter/ (or model/) with the tokenizer, then its manifest.json (size and sha256 of every file, the
-    checkpoints' format) last, so that post-training commands can tell a complete one from a torn one."""
+    checkpoints' format) last, so that post-training commands can tell a complete one from a torn one.
+    Returns {"adapter_bytes": n} or {"model_bytes": n}: the saved safetensors' bytes ({} on other ranks)."""
     unwrapped = accelerator.unwrap_model(model)
     adapter = checkpoint.trainable_state_dict(accelerator, model) if checkpoint.is_peft(accelerator, model) else None
     if not accelerator.is_main_process:
-        return
+        return {}
     out = run.adapter if adapter is not None else run.model
     try:
         (out / "manifest.json").unlink(missing_ok=True)  # the folder is incomplete until the new manifest exists
         if adapter is not None:
-            checkpoint.save_adapter(accelerator, model, out, adapter)
+            checkpoint.save_adapter(accelerator, model, out, adapter, initial=checkpoint.initial_adapter_of(run.root))
         else:
             unwrapped.save_pretrained(str(out), safe_serialization=True, state_dict=accelerator.get_state_dict(model))
         base = getattr(unwrapped, "get_base_model", lambda: unwrapped)()
@@ -388,6 +443,8 @@ def _save_final(accelerator, model, tokenizer, run: RunDir) -> None:
             f"train: cannot write {out.name}/: {disk_error(storage, out)}; {kept}. Free space and rerun the same "
             "command: it resumes from there and writes the final result again"
         ) from None
+    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return {"adapter_bytes" if adapter is not None else "model_bytes": weights}
 
 
 def _logger(accelerator):

@@ -299,6 +299,10 @@ def test_ddp_matches_one_process_with_the_same_global_batch(ddp, single):
     assert_close_columns(ddp.column("grad_norm"), single.column("grad_norm"), LOSS_RTOL, "grad_norm")
     ev = lambda run: [float(r["eval_loss"]) for r in run.metrics() if r["eval_loss"]]  # noqa: E731
     assert_close_columns(ev(ddp), ev(single), LOSS_RTOL, "eval_loss")
+    # token accuracy: correct-target counts summed over ranks, like the loss (counts: equal, not just close)
+    assert ddp.column("token_accuracy") == single.column("token_accuracy")
+    acc = lambda run: [r["eval_token_accuracy"] for r in run.metrics() if r["eval_loss"]]  # noqa: E731
+    assert acc(ddp) == acc(single) and all(acc(single))
     assert max_abs_diff(ddp.adapter(), single.adapter()) <= WEIGHT_ATOL
     assert max(single.column("grad_norm")) > 0.5  # clipping (max_grad_norm 0.5) was active
 

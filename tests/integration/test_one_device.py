@@ -103,7 +103,7 @@ def test_eval_report_and_perplexity_is_exp_mean_token_loss(lora_run, tiny_model_
         assert report[name]["perplexity"] == pytest.approx(math.exp(report[name]["loss"]), rel=1e-9)
     assert len(report["samples"]) == 2 and "tuned_greedy" in report["samples"][0]
     assert (lora_run / "eval" / "report.md").read_text().startswith("# Evaluation")
-    for png in ("loss.png", "lr.png", "weight_deltas.png"):
+    for png in ("loss.png", "lr.png", "eval_ppl.png", "weight_deltas.png"):
         assert (lora_run / "plots" / png).stat().st_size > 1000
     # Independent: HF's own mean loss per test sample, weighted by its target count, on base + adapter.
     from peft import PeftModel
@@ -117,15 +117,21 @@ def test_eval_report_and_perplexity_is_exp_mean_token_loss(lora_run, tiny_model_
     tok = load_tokenizer(str(lora_run / "adapter"))
     test = prepare_data(recipe.data, tok, log=lambda m: None).test
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_run / "adapter").eval()
-    total, count = 0.0, 0
+    total, count, correct = 0.0, 0, 0
     with torch.no_grad():
         for row in test:
             ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
             n = int((labels[:, 1:] != -100).sum())
-            total += float(tuned(input_ids=ids, labels=labels).loss) * n
+            out = tuned(input_ids=ids, labels=labels)
+            total += float(out.loss) * n
             count += n
+            mask = labels[:, 1:] != -100
+            correct += int((out.logits[:, :-1].argmax(-1) == labels[:, 1:])[mask].sum())
     assert count == report["tuned"]["tokens"]
     assert report["tuned"]["loss"] == pytest.approx(total / count, rel=1e-5)
+    # token accuracy: the argmax of HF's own logits, counted here
+    assert report["tuned"]["token_accuracy"] == pytest.approx(correct / count, abs=1e-12)
+    assert "| token accuracy |" in (lora_run / "eval" / "report.md").read_text()
 
 
 def test_weight_deltas_equal_direct_computation(lora_run):

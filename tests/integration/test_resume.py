@@ -80,7 +80,7 @@ sys.exit(main(sys.argv[1:]))
 NAN_ON_ONE_RANK = r"""
 import json, os, sys
 import trainer.loop as loop
-real_loss, real_batches, current = loop.token_loss_sum, loop.micro_batches, {}
+real_loss, real_batches, current = loop.token_loss_stats, loop.micro_batches, {}
 def micro_batches(rows, state, *args):
     current["step"] = state.step + 1
     batches, ids = real_batches(rows, state, *args)
@@ -88,10 +88,10 @@ def micro_batches(rows, state, *args):
     with open(os.path.join(os.environ["IDS_DIR"], f"rank{os.environ['RANK']}-step{current['step']}.json"), "w") as f:
         f.write(json.dumps(sorted(ids)))
     return batches, ids
-def token_loss_sum(model, batch, chunked=True):
-    loss, n = real_loss(model, batch, chunked)
-    return (loss * float("nan") if current["step"] == 2 and os.environ["RANK"] == "1" else loss), n
-loop.micro_batches, loop.token_loss_sum = micro_batches, token_loss_sum
+def token_loss_stats(model, batch, chunked=True):
+    loss, n, correct = real_loss(model, batch, chunked)
+    return (loss * float("nan") if current["step"] == 2 and os.environ["RANK"] == "1" else loss), n, correct
+loop.micro_batches, loop.token_loss_stats = micro_batches, token_loss_stats
 from trainer.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -590,7 +590,7 @@ def in_process(tmp_path, make_raw, monkeypatch):
         checkpoint.install_trainable_only_hook(acc)
         plan = loop.make_plan(len(data.train), recipe, 1)
         current, ids_of = {}, {}
-        real_batches, real_loss = loop.micro_batches, loop.token_loss_sum
+        real_batches, real_loss = loop.micro_batches, loop.token_loss_stats
 
         def micro_batches(rows, state, *args):
             batches, ids = real_batches(rows, state, *args)
@@ -598,12 +598,12 @@ def in_process(tmp_path, make_raw, monkeypatch):
             ids_of[state.step + 1] = ids
             return batches, ids
 
-        def token_loss_sum(model, batch, chunked=True):
-            loss, n = real_loss(model, batch, chunked)
-            return loss * hook(current["step"]), n
+        def token_loss_stats(model, batch, chunked=True):
+            loss, n, correct = real_loss(model, batch, chunked)
+            return loss * hook(current["step"]), n, correct
 
         monkeypatch.setattr(loop, "micro_batches", micro_batches)
-        monkeypatch.setattr(loop, "token_loss_sum", token_loss_sum)
+        monkeypatch.setattr(loop, "token_loss_stats", token_loss_stats)
         tracker = RecordingTracker(model)
 
         def train():

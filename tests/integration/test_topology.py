@@ -50,16 +50,16 @@ WORDS = (
 NAN_HOOK = r"""
 import os, sys
 import trainer.loop as loop
-real_loss, real_batches, current = loop.token_loss_sum, loop.micro_batches, {}
+real_loss, real_batches, current = loop.token_loss_stats, loop.micro_batches, {}
 steps = {int(s) for s in os.environ["NAN_STEPS"].split(",")}
 def micro_batches(rows, state, *args):
     current["step"] = state.step + 1
     return real_batches(rows, state, *args)
-def token_loss_sum(model, batch, chunked=True):
-    loss, n = real_loss(model, batch, chunked)
+def token_loss_stats(model, batch, chunked=True):
+    loss, n, correct = real_loss(model, batch, chunked)
     bad = current["step"] in steps and os.environ.get("RANK", "0") == os.environ["NAN_RANK"]
-    return (loss * float("nan") if bad else loss), n
-loop.micro_batches, loop.token_loss_sum = micro_batches, token_loss_sum
+    return (loss * float("nan") if bad else loss), n, correct
+loop.micro_batches, loop.token_loss_stats = micro_batches, token_loss_stats
 from trainer.cli import main
 sys.exit(main(sys.argv[1:]))
 """

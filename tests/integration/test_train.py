@@ -204,3 +204,51 @@ def test_packing_off_groups_rows_by_length(tmp_path, tiny_model_dir):
     # Measured on the first 160 of tests/datagen.py's rows (~20 to 256+ tokens): 49.8% padding shuffled, 4.1%
     # grouped (the README's SmolLM2 run on Alpaca: 41% and 3.6%); the bounds leave room for other data or seeds.
     assert padding[False] > 0.3 and padding[True] < 0.1, padding
+
+
+def test_summary_counts_parameters_and_bytes_and_metrics_carry_token_accuracy(tmp_path, tiny_model_dir):
+    """run_summary.json: trainable/total parameters and share (the model's own count), the adapter's bytes on disk;
+    metrics.csv: token accuracy per train row, and at eval the accuracy of the model as it is then (recomputed
+    here from the saved adapter at the last step)."""
+    from peft import PeftModel
+
+    from tests.conftest import write_jsonl
+    from trainer import train
+    from trainer.data import prepare_data
+    from trainer.loss import dataset_loss
+    from trainer.model import count_parameters, load_base
+    from trainer.tokenizer import load_tokenizer
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"Add {a} and {b}."}, {"role": "assistant", "content": str(a + b)}]}
+        for a, b in zip(range(40), range(40, 0, -1))
+    ]
+    data = write_jsonl(tmp_path / "sums.jsonl", rows)
+    run_dir = tmp_path / "run"
+    recipe = recipe_from_dict(
+        tiny_recipe(tiny_model_dir, data, run_dir, data={"max_seq_len": 64, "val_fraction": 0.2}, train={"lr": 5e-3})
+    )
+    summary = train.run(recipe, show_progress=False)
+    base = load_base(recipe.model, dtype=torch.float32, quantize=False)
+    total = count_parameters(base)[0]
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    lora = sum(t.numel() for t in adapter.values())
+    assert (summary["trainable_params"], summary["total_params"]) == (lora, total + lora)
+    assert summary["trainable_share"] == 100.0 * lora / (total + lora)  # percent, as the log line and the estimator
+    assert summary["adapter_bytes"] == (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert summary["model_bytes"] is None
+    on_disk = json.loads((run_dir / "run_summary.json").read_text())
+    assert on_disk["trainable_params"] == lora and on_disk["adapter_bytes"] == summary["adapter_bytes"]
+
+    metrics = read_metrics(run_dir / "metrics.csv")
+    train_rows = [r for r in metrics if r["loss"]]
+    assert len(train_rows) == 4 and all(0.0 <= float(r["token_accuracy"]) <= 1.0 for r in train_rows)
+    last_eval = [r for r in metrics if r["eval_loss"]][-1]
+    tok = load_tokenizer(str(run_dir / "adapter"))
+    val = prepare_data(recipe.data, tok, log=lambda m: None).val
+    tuned = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    ev = dataset_loss(tuned, val, batch_size=recipe.train.eval_batch_size, pad_id=tok.pad_token_id, device="cpu")
+    assert float(last_eval["eval_token_accuracy"]) == pytest.approx(ev["token_accuracy"], abs=1e-6)
+    assert float(last_eval["eval_loss"]) == pytest.approx(ev["loss"], abs=1e-5)
+    assert summary["final_eval_token_accuracy"] == pytest.approx(ev["token_accuracy"], abs=1e-12)
+    assert summary["final_token_accuracy"] == pytest.approx(float(train_rows[-1]["token_accuracy"]), abs=1e-6)

@@ -149,7 +149,13 @@ def test_harmless_recipe_changes_are_returned_output_dir_ignored(tmp_path):
 @pytest.mark.parametrize(
     "sections, line",
     [
-        ({"lora": None}, "lora: {'r': 8, 'alpha': 16.0, 'dropout': 0.0, 'target_modules': 'all-linear'} -> None"),
+        (
+            {"lora": None},
+            "lora: {'r': 8, 'alpha': 16.0, 'dropout': 0.0, 'target_modules': 'all-linear', 'use_dora': False, "
+            "'use_rslora': False, 'init': 'default', 'modules_to_save': None} -> None",
+        ),
+        ({"lora": {"use_dora": True}}, "lora.use_dora: False -> True"),
+        ({"train": {"loraplus_lr_ratio": 16.0}}, "train.loraplus_lr_ratio: None -> 16.0"),
         ({"lora": {"target_modules": ["q_proj"]}}, "lora.target_modules: 'all-linear' -> ['q_proj']"),
         ({"data": {"packing": False}}, "data.packing: True -> False"),
         ({"data": {"hub_split": "validation"}}, "data.hub_split: 'train' -> 'validation'"),
@@ -163,6 +169,27 @@ def test_each_breaking_key(tmp_path, sections, line):
 
     breaking, harmless = checkpoint.recipe_differences(to_dict(old), to_dict(new))
     assert (breaking, harmless) == ([line], [])
+
+
+def test_a_checkpoint_from_before_new_recipe_keys_resumes(tmp_path):
+    """A checkpoint's config.yaml written before keys were added (lora.use_dora, train.report_to, ...) lacks them:
+    they had their defaults then, so their absence is no difference."""
+    import yaml
+
+    from trainer.config import to_dict
+
+    recipe = recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "a"))
+    old = to_dict(recipe)
+    for key in ("use_dora", "use_rslora", "init", "modules_to_save"):
+        del old["lora"][key]
+    del old["train"]["report_to"], old["train"]["loraplus_lr_ratio"]
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.yaml").write_text(yaml.safe_dump(old))
+    assert checkpoint.check_compatible(ck, recipe) == []
+    changed = recipe_from_dict(tiny_recipe("m", ALPACA, tmp_path / "a", lora={"use_dora": True}))
+    with pytest.raises(UserError, match="lora.use_dora: False -> True"):
+        checkpoint.check_compatible(ck, changed)
 
 
 # ----------------------------------------------------------------------------------------------- RNG

@@ -104,6 +104,72 @@ def test_chunked_loss_builds_no_full_logits(monkeypatch):
     assert largest(True) <= 4096 * 64 < full_logits  # nothing bigger than the (vocab x hidden) head weight itself
 
 
+# ----------------------------------------------------------------------------------------------- token accuracy
+def direct_correct(model, b) -> int:
+    """The definition: target tokens whose argmax over the model's own full logits is the label. (use_cache=False
+    as in training: with a cache transformers does not read position_ids restarts as separate samples.)"""
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits[:, :-1]
+    targets = b["labels"][:, 1:]
+    mask = targets != -100
+    return int((logits.argmax(-1) == targets)[mask].sum())
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 7, 10_000])  # one row per chunk, many ragged chunks, one chunk
+@pytest.mark.parametrize("chunked", [True, False])
+def test_token_accuracy_equals_a_direct_argmax_count(monkeypatch, rows_per_chunk, chunked):
+    monkeypatch.setattr(M, "CE_CHUNK_BYTES", 4 * 512 * rows_per_chunk)
+    # std 0.2: logits far from flat, so the count is not a handful of near-ties; base and LoRA both checked
+    for model in (make_model(512, init_std=0.2), apply_lora(make_model(512, init_std=0.2), LoraArgs(r=4, dropout=0.0))):
+        model.eval()
+        b = batch(512, seed=4)
+        expected = direct_correct(model, b)
+        loss, n, correct = M.token_loss_stats(model, b, chunked)
+        assert int(correct) == expected and 0 < expected < int(n), (int(correct), expected)
+        with torch.no_grad():  # also without autograd (evaluation)
+            assert int(M.token_loss_stats(model, b, chunked)[2]) == expected
+        assert loss.requires_grad and not correct.requires_grad
+
+
+def test_token_accuracy_counts_a_trained_row_exactly():
+    """A model that predicts every label: accuracy 1.0; with labels shifted by one id: 0.0 (no argmax ties)."""
+    model = make_model(512, init_std=0.2).eval()
+    b = batch(512, seed=5)
+    with torch.no_grad():
+        pred = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits.argmax(-1)
+    right = {**b, "labels": torch.where(b["labels"] == -100, -100, torch.cat([pred[:, :1], pred[:, :-1]], 1))}
+    n_targets = int((right["labels"][:, 1:] != -100).sum())
+    for chunked in (True, False):
+        assert int(M.token_loss_stats(model, right, chunked)[2]) == n_targets
+        wrong = {**right, "labels": torch.where(right["labels"] == -100, -100, (right["labels"] + 1) % 512)}
+        assert int(M.token_loss_stats(model, wrong, chunked)[2]) == 0
+
+
+def test_dataset_loss_reports_token_accuracy(tokenizer):
+    """Rows whose every other label is the model's own prediction: dataset_loss's accuracy is the direct count."""
+    from datasets import Dataset
+
+    vocab = len(tokenizer)
+    model = make_model(vocab, init_std=0.2).eval()
+    b = batch(vocab, seed=6)
+    b["position_ids"] = torch.arange(40).repeat(3, 1)
+    with torch.no_grad():
+        pred = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits.argmax(-1)
+    labels = b["labels"].clone()
+    labels[:, 1::2] = torch.where(labels[:, 1::2] == -100, -100, pred[:, 0:-1:2])  # label t+1 = prediction at t
+    b["labels"] = labels
+    data = Dataset.from_list(
+        [
+            {"input_ids": b["input_ids"][i].tolist(), "labels": labels[i].tolist(), "position_ids": list(range(40))}
+            for i in range(3)
+        ]
+    )
+    ev = M.dataset_loss(model, data, batch_size=2, pad_id=tokenizer.pad_token_id, device="cpu")
+    assert ev["tokens"] == int((labels[:, 1:] != -100).sum())
+    assert ev["token_accuracy"] == pytest.approx(direct_correct(model, b) / ev["tokens"], abs=1e-12)
+    assert 0.3 < ev["token_accuracy"] < 0.7
+
+
 # ----------------------------------------------------------------------------------------------- dataset_loss
 @pytest.mark.parametrize("n_rows,world,batch_size", [(1, 2, 8), (3, 2, 1), (5, 4, 2), (7, 3, 2)])
 def test_dataset_loss_split_over_ranks_equals_one_process_and_every_rank_runs_as_many_forwards(
