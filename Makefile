@@ -7,15 +7,18 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-EXTRAS ?= dev,track
+EXTRAS ?= dev,gguf,track
 PY := $(VENV)/bin/python
 
 .PHONY: demo test test-fast lint install
 
+# gguf compiles llama.cpp (llama-cpp-python has no PyPI wheels; minutes on 2 cores; LLAVA_BUILD=OFF skips the
+# multimodal library); track installs the W&B, MLflow and trackio clients. EXTRAS=dev skips both (their tests skip).
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)" --index-url $(TORCH_INDEX)
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="$$(nproc)" \
+	  $(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed-$(EXTRAS)

@@ -77,29 +77,9 @@ def _run(recipe: Recipe, run: RunDir, decision: str, resume, show_progress: bool
     log(_describe_chat(chat))
     data, data_prepare_s = _setup_data(recipe, tokenizer, accelerator, log, ckpt)
     model, optimizer, model_load_s, params = _setup_model(recipe, accelerator, run, log, chat)
-    # `used`: the data settings as trained (packing off after a failed check) for the data and the step plan;
-    # config.yaml and checkpoints keep the user's recipe, so a resume decides the same way again.
-    packing, used = None, recipe
-    if recipe.data.packing:
-        packing = _check_packing(accelerator, model)
-        if not packing["isolated"]:
-            log(
-                f"packing: this model's attention mask ignores position ids (a packed sample sees the one before "
-                f"it: log-prob change {packing['leak']:.2g}); training one sample per row, grouped by length"
-            )
-            used = replace(recipe, data=replace(recipe.data, packing=False, group_by_length=True))
-            data, more_s = _setup_data(used, tokenizer, accelerator, log, ckpt)
-            data_prepare_s += more_s
-    state = TrainState(data_seed=recipe.train.seed)
-    if ckpt is not None:
-        state = checkpoint.load(accelerator, ckpt, model, optimizer)
-        log(f"resume: from {ckpt} at step {state.step} (epoch {state.epoch}, {state.samples_seen} samples seen)")
-    plan = make_plan(len(data.train), used, accelerator.num_processes, data.train["length"])
-    if ckpt is not None and state.cursor >= plan.rows:
-        raise UserError(
-            f"{ckpt / 'trainer_state.json'}: cursor={state.cursor} is past the {plan.rows} training rows of an "
-            "epoch; this checkpoint is not of this data; resume another checkpoint or start over with --fresh"
-        )
+    packing, used, data, more_s = _decide_packing(recipe, accelerator, model, data, tokenizer, log, ckpt)
+    data_prepare_s += more_s
+    state, plan = _setup_state(used, accelerator, model, optimizer, data, ckpt, log)
     if accelerator.is_main_process:
         _claim(run, recipe)
     accelerator.wait_for_everyone()
@@ -148,6 +128,55 @@ def _run(recipe: Recipe, run: RunDir, decision: str, resume, show_progress: bool
         if packing is None
         else {"requested": True, "used": packing["isolated"], "check": {k: v for k, v in packing.items()}}
     )
+    _write_summary(accelerator, run, recipe, summary, log)
+    if last.get("preempted"):
+        raise SystemExit(PREEMPTED_EXIT)
+    log(_final_line(summary, run, recipe))
+    if stop.signum is not None:
+        log(
+            f"{signal.Signals(stop.signum).name} arrived after the last step: the run had finished and its final "
+            "save is complete; exiting with code 0"
+        )
+    return summary
+
+
+def _decide_packing(recipe: Recipe, accelerator, model, data, tokenizer, log, ckpt):
+    """(packing check result or None, the recipe as trained, the data, extra prepare seconds). When the model's
+    attention ignores position ids (`_check_packing`), the data is prepared again one sample per row, grouped by
+    length; the returned recipe says so (the data settings the step plan uses), while config.yaml and checkpoints
+    keep the user's recipe, so a resume decides the same way again."""
+    if not recipe.data.packing:
+        return None, recipe, data, 0.0
+    packing = _check_packing(accelerator, model)
+    if packing["isolated"]:
+        return packing, recipe, data, 0.0
+    log(
+        f"packing: this model's attention mask ignores position ids (a packed sample sees the one before "
+        f"it: log-prob change {packing['leak']:.2g}); training one sample per row, grouped by length"
+    )
+    used = replace(recipe, data=replace(recipe.data, packing=False, group_by_length=True))
+    data, seconds = _setup_data(used, tokenizer, accelerator, log, ckpt)
+    return packing, used, data, seconds
+
+
+def _setup_state(used: Recipe, accelerator, model, optimizer, data, ckpt, log):
+    """(TrainState, step plan): a fresh state, or the checkpoint's (weights and optimizer loaded into `model` and
+    `optimizer`); UserError when the checkpoint's data cursor is past this data's epoch."""
+    state = TrainState(data_seed=used.train.seed)
+    if ckpt is not None:
+        state = checkpoint.load(accelerator, ckpt, model, optimizer)
+        log(f"resume: from {ckpt} at step {state.step} (epoch {state.epoch}, {state.samples_seen} samples seen)")
+    plan = make_plan(len(data.train), used, accelerator.num_processes, data.train["length"])
+    if ckpt is not None and state.cursor >= plan.rows:
+        raise UserError(
+            f"{ckpt / 'trainer_state.json'}: cursor={state.cursor} is past the {plan.rows} training rows of an "
+            "epoch; this checkpoint is not of this data; resume another checkpoint or start over with --fresh"
+        )
+    return state, plan
+
+
+def _write_summary(accelerator, run: RunDir, recipe: Recipe, summary: dict, log) -> None:
+    """Log the FLOP rates when known; rank 0 writes run_summary.json (atomically); every rank waits for it."""
     if summary.get("mfu") is not None:
         log(
             f"train: {summary['tflops']:.1f} model TFLOP/s per device, MFU {summary['mfu']:.1%} "
@@ -159,15 +188,6 @@ def _run(recipe: Recipe, run: RunDir, decision: str, resume, show_progress: bool
         except OSError as err:
             raise UserError(f"train: cannot write the run summary: {disk_error(err, run.summary)}") from None
     accelerator.wait_for_everyone()
-    if last.get("preempted"):
-        raise SystemExit(PREEMPTED_EXIT)
-    log(_final_line(summary, run, recipe))
-    if stop.signum is not None:
-        log(
-            f"{signal.Signals(stop.signum).name} arrived after the last step: the run had finished and its final "
-            "save is complete; exiting with code 0"
-        )
-    return summary
 
 
 def _final_line(summary: dict, run: RunDir, recipe: Recipe) -> str:

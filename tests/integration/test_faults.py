@@ -43,10 +43,10 @@ if what == "sigterm-after-last-step":
     import trainer.train as t
     before(t, "_save_final", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
 elif what in ("sigterm-in-cache-write", "stall-in-cache-write"):
-    import datasets
-    real_save = datasets.Dataset.save_to_disk
-    def act(self, path, *a, **k):
-        real_save(self, path, *a, **k)  # the temp folder now holds a split
+    import trainer.data.pipeline as pipeline
+    real_write = pipeline.write_rows
+    def act(samples, order, starts, path, *a, **k):
+        rows = real_write(samples, order, starts, path, *a, **k)  # the temp folder now holds a split
         if ".tmp-" in str(path):
             marker.write_text(str(path))
             if what == "sigterm-in-cache-write":
@@ -54,7 +54,8 @@ elif what in ("sigterm-in-cache-write", "stall-in-cache-write"):
                 time.sleep(5)  # the handler raises at the next bytecode
             else:
                 time.sleep(600)
-    datasets.Dataset.save_to_disk = act
+        return rows
+    pipeline.write_rows = act
 elif what in ("fill-disk", "enospc", "read-only"):
     import trainer.checkpoint as ck
     def act(accelerator, model, run_dir, state, *a, **k):
