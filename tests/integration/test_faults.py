@@ -97,7 +97,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def env(**extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # without what an in-process test's `trainer.quiet` set in this process (the child decides for itself)
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    e = {k: v for k, v in os.environ.items() if k not in drop}
     e.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return e

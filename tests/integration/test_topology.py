@@ -222,7 +222,7 @@ def resumed(work: Path, make_raw, source: Run, name: str, where: str) -> Run:
 def test_two_processes_equal_one_with_lora_dropout_and_a_single_validation_row(single, ds2):
     """ZeRO-2 on 2 processes vs one plain process: same losses, grad norms, eval losses and adapter, with LoRA
     dropout 0.1 (before: 0.016 apart) and a validation split of one row (rank 1 has none: it still joins)."""
-    assert "2 process(es), DEEPSPEED" in ds2.out and "1 process(es), NO" in single.out
+    assert "2 processes, DeepSpeed ZeRO-2 (gloo)" in ds2.out and "1 process, no distribution" in single.out
     assert ds2.summary["data"]["val"]["rows"] == 1
     gap = assert_same_metrics(ds2, single)
     diff = max_diff(ds2.adapter(), single.adapter())
