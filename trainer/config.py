@@ -616,12 +616,8 @@ def _problems(recipe: Recipe, where: str) -> list[tuple[str, str]]:
         bad("generation.top_p", f"generation.top_p={g.top_p} must be in (0, 1]")
     if g.num_samples < 0:
         bad("generation.num_samples", f"generation.num_samples={g.num_samples} must be >= 0")
-    if m.quantization == "nf4" and lora is None:
-        bad(
-            "model.quantization",
-            "model.quantization=nf4 needs LoRA (a 4-bit base cannot be fully fine-tuned); "
-            "set lora: {r: 16} or model.quantization: null",
-        )
+    if nf4_without_lora(recipe):
+        bad("model.quantization", nf4_without_lora(recipe))
     if lora is not None:
         if lora.r < 1:
             bad("lora.r", f"lora.r={lora.r} must be at least 1")
@@ -704,6 +700,17 @@ def validate_datasets(d: DataArgs, where: str) -> list[str]:
     if dupes:
         p.append(f"{where}: data.datasets: name {dupes[0]!r} is used twice; give each entry its own name")
     return p
+
+
+def nf4_without_lora(recipe: Recipe) -> str | None:
+    """The one rule "a 4-bit base trains only through LoRA": the message when `recipe` breaks it, else None
+    (used by validation and by the memory estimator, which takes recipes built in code)."""
+    if recipe.model.quantization == "nf4" and recipe.lora is None:
+        return (
+            "model.quantization=nf4 needs LoRA (a 4-bit base cannot be fully fine-tuned); "
+            "set lora: {r: 16} or model.quantization: null"
+        )
+    return None
 
 
 def _lora_variant_problems(recipe: Recipe, where: str) -> list[str]:

@@ -25,9 +25,8 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizers.encode_chat(tokenizer, render_prompt(tokenizer, messages))
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end a reply: the template's end-of-turn tokens, then eos (`trainer.tokenizer.stop_token_ids`)."""
-    return tokenizers.stop_token_ids(tokenizer)
+stop_token_ids = tokenizers.stop_token_ids
+"""Token ids that end a reply: the template's end-of-turn tokens, then eos (defined in `trainer.tokenizer`)."""
 
 
 def left_padded(rows: list[list[int]], pad_id: int, device) -> dict:

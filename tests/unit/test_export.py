@@ -383,3 +383,35 @@ def test_q8_0_falls_back_to_f16_for_rows_not_a_multiple_of_32():
     assert _choose_qtype("blk.0.ffn_down.weight", (64, 100), "q8_0") == T.F16
     assert _choose_qtype("blk.0.attn_norm.weight", (64,), "q8_0") == T.F32
     assert _choose_qtype("blk.0.attn_q.bias", (64,), "f16") == T.F32
+
+
+def test_exact_types_may_flip_only_near_ties():
+    """f16 rounding may flip the top-1 token where the merged model's lead is a near-tie (<= TIE_MARGIN); a flip
+    anywhere else fails the check."""
+    import numpy as np
+
+    from trainer.export.check import TIE_MARGIN, LogitsComparison, failures
+
+    want = np.array([[1.0, 1.0 + TIE_MARGIN / 2, 0.0], [3.0, 0.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32)
+    near_tie = want.copy()
+    near_tie[0] = [1.0 + TIE_MARGIN, 1.0 + TIE_MARGIN / 2, 0.0]  # the 0.025 lead flips
+    c = LogitsComparison()
+    c.add(want, near_tie)
+    facts = c.facts()
+    assert (facts["top1_agree"], facts["positions"], facts["top1_flips_outside_ties"]) == (2, 3, 0)
+    hop = {
+        "hop": "f16",
+        "type": "f16",
+        "vs_merged": {**facts, "texts": 1, "texts_tokenized_equal": 1, "prompts": 1, "prompts_rendered_equal": 1},
+    }
+    assert failures({"hops": [hop]}) == []
+    decisive = want.copy()
+    decisive[1] = [3.0, 3.5, 0.0]  # a lead of 3.0 lost: not rounding
+    c.add(want, decisive)
+    hop["vs_merged"].update(c.facts())
+    assert failures({"hops": [hop]}) == [
+        f"f16: top-1 token differs from the merged model at 1/6 positions where the merged model's lead exceeds "
+        f"{TIE_MARGIN} (not a near-tie)"
+    ]
+    hop["type"] = "q8_0"  # quantized types are scored, not required to agree
+    assert failures({"hops": [hop]}) == []

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.arch import trainable_share
+from trainer.config import nf4_without_lora
 from trainer.dtypes import BYTES
 from trainer.errors import UserError
 from trainer.estimate.activations import Precision, activation_bytes, autocast_weight_bytes
@@ -361,8 +362,8 @@ def _estimate_core(
     """One plan, without suggestions (the arguments are `estimate`'s)."""
     m, t, lora = recipe.model, recipe.train, recipe.lora
     stage, implied = _check_cluster(gpus, gpu_mem_gib, nodes, zero_stage, offload_optimizer)
-    if m.quantization == "nf4" and lora is None:
-        raise UserError("model.quantization=nf4 needs LoRA (a 4-bit base cannot be fully fine-tuned)")
+    if nf4_without_lora(recipe):
+        raise UserError(nf4_without_lora(recipe))
     dp, deepspeed, e = gpus * nodes, stage > 0, BYTES[m.dtype]
     full = lora is None
     mode = "full" if full else ("qlora" if m.quantization == "nf4" else "lora")

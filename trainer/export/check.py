@@ -36,7 +36,11 @@ import numpy as np
 
 from trainer.errors import UserError
 
-EXACT_TYPES = ("f32", "f16", "bf16")  # GGUF hops that must pick the same top-1 token everywhere
+EXACT_TYPES = ("f32", "f16", "bf16")  # GGUF hops that must pick the same top-1 token everywhere but at near-ties
+TIE_MARGIN = 0.05
+"""Logits: a position where the merged model's top-1 leads its runner-up by at most this much is a near-tie,
+which rounding the weights to 16 bits may flip (on the demo run f16 flipped 3 of 5742 positions, at margins up
+to 0.0041, with max |logit diff| 0.089); an exact type must agree at every other position."""
 
 
 @dataclass
@@ -98,6 +102,7 @@ class LogitsComparison:
         self.max_abs = self.sum_abs = 0.0
         self.n_values = 0
         self.worst_margin = None  # reference's top1-top2 margin at the disagreement with the largest margin
+        self.decisive_flips = 0  # disagreements where the reference's margin exceeds TIE_MARGIN
 
     def add(self, want: np.ndarray, got: np.ndarray) -> None:
         diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
@@ -111,6 +116,7 @@ class LogitsComparison:
         for i in np.flatnonzero(~same):
             margin = float(want[i, want_top[i]] - want[i, got_top[i]])
             self.worst_margin = margin if self.worst_margin is None else max(self.worst_margin, margin)
+            self.decisive_flips += margin > TIE_MARGIN
 
     def facts(self) -> dict:
         return {
@@ -119,6 +125,7 @@ class LogitsComparison:
             "max_abs_logit_diff": self.max_abs,
             "mean_abs_logit_diff": self.sum_abs / self.n_values if self.n_values else float("nan"),
             "largest_margin_flipped": self.worst_margin,
+            "top1_flips_outside_ties": self.decisive_flips,
         }
 
 
@@ -349,9 +356,10 @@ def failures(report: dict) -> list[str]:
                 f"{name}: the embedded chat template renders {vs['prompts'] - vs['prompts_rendered_equal']}/"
                 f"{vs['prompts']} prompts differently"
             )
-        if hop.get("type") in EXACT_TYPES and vs["top1_agree"] != vs["positions"]:
+        if hop.get("type") in EXACT_TYPES and vs["top1_flips_outside_ties"]:
             out.append(
-                f"{name}: top-1 token differs from the merged model at {vs['positions'] - vs['top1_agree']}/{vs['positions']} positions"
+                f"{name}: top-1 token differs from the merged model at {vs['top1_flips_outside_ties']}/"
+                f"{vs['positions']} positions where the merged model's lead exceeds {TIE_MARGIN} (not a near-tie)"
             )
         if "stopped" in hop and hop["stopped"] != hop["exact_match_n"]:
             out.append(

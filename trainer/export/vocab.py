@@ -149,7 +149,7 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     add_bos = bos_id is not None and grew and with_special[0] == bos_id
     add_eos = eos_id is not None and grew and with_special[-1] == eos_id
 
-    stop_ids = stop_token_ids(model_dir, tokenizer)
+    stop_ids = folder_stop_ids(model_dir, tokenizer)
     eot_id = end_of_turn_id(tokenizer, stop_ids)
     extra = [i for i in stop_ids if i not in (eos_id, eot_id)]
     eom_id = extra[0] if extra else None
@@ -179,7 +179,7 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     )
 
 
-def stop_token_ids(model_dir: Path, tokenizer) -> list[int]:
+def folder_stop_ids(model_dir: Path, tokenizer) -> list[int]:
     """The ids generation stops on: `generation_config.json`'s `eos_token_id` (int or list, as the run saved it
     with `trainer.tokenizer.save_tokenizer`), in its order, then the tokenizer's eos if the list lacks it."""
     from trainer.tokenizer import read_stop_ids
