@@ -168,6 +168,11 @@ def _named_checkpoint(run: RunDir, ckpt: Path, lora: bool, log) -> Tuned:
             f"--checkpoint {ckpt}: neither a checkpoint (no manifest.json) nor an adapter folder (no "
             "adapter_config.json); pass RUN_DIR/checkpoints/step-N"
         )
+    if ckpt.resolve().parent != run.checkpoints.resolve():
+        raise UserError(
+            f"--checkpoint {ckpt}: not a checkpoint of {run.root} (its checkpoints are in {run.checkpoints}); pass "
+            "one of them, or give that checkpoint's own run folder as RUN_DIR"
+        )
     problem = verify(ckpt)
     if problem:
         raise UserError(f"--checkpoint {ckpt}: {problem}; pick another checkpoint")

@@ -9,8 +9,19 @@ import sys
 from trainer.errors import USER_ERROR_EXIT, UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one `error: ` line (what, and where the help is), exit 2, like every other
+    error a user can cause; `--help` is unchanged. Subparsers are of this class too (argparse's default)."""
+
+    def error(self, message: str):
+        if "required: command" in message:
+            message = f"give a command: {', '.join(COMMANDS)}"
+        print(f"error: {self.prog}: {message}; see `{self.prog} --help`", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trainer", description="Fine-tune open LLMs with LoRA/QLoRA or fully.")
+    p = _Parser(prog="trainer", description="Fine-tune open LLMs with LoRA/QLoRA or fully.")
     verbose_help = "show the libraries' known harmless warnings and progress bars too (silenced by default)"
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     # -v also after the verb (`trainer train r.yaml -v`); SUPPRESS keeps the global value when it is not given there

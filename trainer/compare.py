@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from trainer.errors import UserError
-from trainer.run_dir import RunDir
+from trainer.run_dir import RunDir, claim_folder
 
 COLUMNS = [
     ("run", "run"),
@@ -226,7 +226,7 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None, log=
             raise UserError(f"{d}: no such folder; pass output_dir folders of `trainer train` runs")
     rows = [run_row(d, label) for d, label in zip(run_dirs, _labels(run_dirs))]
     out = Path(out) if out is not None else run_dirs[0].parent / "compare"
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, ".trainer-compare", "a comparison", "Give --out a new or empty folder")
     title = f"{len(rows)} run(s)" + (f" in {run_dirs[0].parent.name}" if len({d.parent for d in run_dirs}) == 1 else "")
     plot_runs(
         {r["run"]: series(r["_metrics"], "eval_ppl") for r in rows},

@@ -50,8 +50,10 @@ def write_jsonl(samples: list[dict], path: Path) -> None:
         raise UserError(f"--jsonl {path}: exists; remove it or give another file name (nothing is overwritten)")
     if not path.parent.is_dir():
         raise UserError(f"--jsonl {path}: folder {path.parent} does not exist")
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
+    from trainer.files import temp_beside
+
+    tmp = temp_beside(path)  # never a name the user may own, such as FILE.tmp
+    with tmp.open("x") as fh:
         for s in samples:
             fh.write(json.dumps(s) + "\n")
     tmp.rename(path)

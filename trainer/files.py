@@ -149,11 +149,23 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through `path.tmp`, fsync, rename: a kill leaves the old file or the new one."""
+def temp_beside(path: Path) -> Path:
+    """A name for a temporary file in `path`'s folder that no file has (`.NAME.tmp-PID[-N]`): never a name a user
+    may own, such as `NAME.tmp`. Create it with mode "x"."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
+    tmp, n = path.with_name(f".{path.name}.tmp-{os.getpid()}"), 0
+    while tmp.exists():
+        n += 1
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{n}")
+    return tmp
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it (`temp_beside`), fsync, rename: a kill leaves
+    the old file or the new one."""
+    path = Path(path)
+    tmp = temp_beside(path)
+    with tmp.open("x", encoding="utf-8", newline="") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())

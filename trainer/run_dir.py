@@ -243,6 +243,25 @@ def _metrics_rows(run: RunDir) -> int:
         return 0
 
 
+def claim_folder(folder: Path, marker: str, what: str, how: str) -> Path:
+    """Make `folder` ours for writing `what` (a sweep, a comparison): create it, or take it when it is empty or
+    already carries `marker` (a file we write into it the first time); refuse anything else, before writing, in
+    one line ending with `how` (what the user can do). Returns the folder."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: is a file, not a folder for {what}; {how}")
+    if folder.is_dir() and not (folder / marker).is_file():
+        contents = sorted(p.name for p in folder.iterdir())
+        if contents:
+            shown = ", ".join(contents[:3]) + (" ..." if len(contents) > 3 else "")
+            raise UserError(
+                f"{folder}: holds files that are not {what} ({shown}; no {marker}); nothing was written. {how}"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / marker).touch()
+    return folder
+
+
 def move_aside(folder: Path, log=print) -> Path:
     """Rename a previous run folder to `NAME.previous-DATE` (nothing on disk is lost); returns the new path."""
     folder = Path(folder)

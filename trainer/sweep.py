@@ -33,6 +33,8 @@ from pathlib import Path
 import yaml
 
 from trainer.errors import UserError
+from trainer.files import atomic_write_text
+from trainer.run_dir import claim_folder
 
 SAFE = re.compile(r"[^A-Za-z0-9._=+@-]")
 MAX_NAME = 120
@@ -277,6 +279,8 @@ def run_sweep(
     folder, points = plan_sweep(recipe_path, axis_args, name, runs_root)
     main = is_main()
     say = log if main else (lambda m: None)
+    if main:  # a folder that holds something else is refused before anything is written
+        claim_folder(folder, ".trainer-sweep", "a sweep", "Give another --name or --runs-root")
     say(f"sweep: {len(points)} point(s) in {folder}: {', '.join(p.name for p in points)}")
     if (gpus is None) != (gpu_mem_gib is None):
         raise UserError("sweep: --gpus and --gpu-mem go together (the estimator needs both)")
@@ -354,7 +358,5 @@ def _write_record(folder: Path, record: dict, points: list[Point], started: floa
         ],
     }
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "sweep.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(folder / "sweep.json")
+    atomic_write_text(folder / "sweep.json", json.dumps(record, indent=1))
     return record

@@ -718,6 +718,59 @@ def _(c: Ctx):
     return Case(["merge", run, "--checkpoint", ck], r"--checkpoint .*step-2: accelerate/model\.safetensors has 1 bytes")
 
 
+@case("export --out onto the user's file", "post-training")
+def _(c: Ctx):
+    run = c.fake_run()
+    (c.tmp / "mine").mkdir()
+    (c.tmp / "mine" / "model.gguf").write_text("precious\n")
+    (c.tmp / "mine" / "Modelfile").write_text("FROM mine\n")
+    return Case(
+        ["export", run, "--gguf", "f16", "--out", c.tmp / "mine" / "model.gguf"],
+        r"export --out .*mine/model\.gguf: model\.gguf, Modelfile already exist in .*mine \(nothing is overwritten\)",
+        unchanged=[c.tmp / "mine", run],
+    )
+
+
+@case("compare --out: the user's folder", "post-training")
+def _(c: Ctx):
+    run = c.fake_run()
+    (c.tmp / "cmp").mkdir()
+    (c.tmp / "cmp" / "compare.md").write_text("my notes\n")
+    return Case(
+        ["compare", run, "--out", c.tmp / "cmp"],
+        r"cmp: holds files that are not a comparison \(compare\.md; no \.trainer-compare\); nothing was written",
+        unchanged=[c.tmp / "cmp"],
+    )
+
+
+@case("sweep into the user's folder", "recipe")
+def _(c: Ctx):
+    (c.tmp / "runs" / "mysweep").mkdir(parents=True)
+    (c.tmp / "runs" / "mysweep" / "sweep.json").write_text("{}\n")
+    return Case(
+        ["sweep", c.recipe(), "lora.r=2,4", "--name", "mysweep", "--runs-root", c.tmp / "runs"],
+        r"mysweep: holds files that are not a sweep \(sweep\.json; no \.trainer-sweep\); nothing was written",
+        unchanged=[c.tmp / "runs"],
+    )
+
+
+@case("usage error: an unknown verb", "recipe")
+def _(c: Ctx):
+    return Case(
+        ["trian", "x.yaml"], r"^error: trainer: argument command: invalid choice: 'trian' .*see `trainer --help`"
+    )
+
+
+@case("merge --checkpoint of another run", "post-training")
+def _(c: Ctx):
+    run, other = c.fake_run(), c.fake_run(out="other")
+    return Case(
+        ["merge", run, "--checkpoint", other / "checkpoints" / "step-4"],
+        r"--checkpoint .*other/checkpoints/step-4: not a checkpoint of .*run \(its checkpoints are in",
+        unchanged=[run],
+    )
+
+
 @case("chat --checkpoint: a folder that is not a checkpoint", "post-training")
 def _(c: Ctx):
     run = c.fake_run()

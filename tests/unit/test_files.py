@@ -86,3 +86,17 @@ def test_storage_errors_as_one_line(tmp_path):
     assert found.errno == errno.ENOSPC and found.filename == str(tmp_path)
     assert as_storage_error(RuntimeError("file write failed"), tmp_path) is None  # the folder is writable
     assert as_storage_error(KeyError("x"), tmp_path) is None
+
+
+def test_writes_through_a_temp_name_no_user_owns(tmp_path):
+    """atomic_write_text (and `trainer data --jsonl`) write a hidden `.NAME.tmp-PID` and rename it: a user's own
+    `NAME.tmp` beside the target is left as it was."""
+    from trainer.files import atomic_write_text, temp_beside
+
+    (tmp_path / "out.jsonl.tmp").write_text("precious\n")
+    atomic_write_text(tmp_path / "out.jsonl", "new\n")
+    assert (tmp_path / "out.jsonl.tmp").read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.tmp"]
+    first = temp_beside(tmp_path / "x")
+    first.write_text("")
+    assert temp_beside(tmp_path / "x") != first and first.name.startswith(".x.tmp-")

@@ -71,6 +71,20 @@ def model_folder(run_dir: Path, checkpoint: str | Path | None = None, log=print)
     return Path(merged), tuned.adapter
 
 
+def _refuse_overwrite(out: Path, outtype: str, check: bool) -> None:
+    """`--out` outside the run's export folder: every file the export would write there must be new (the user's
+    files are never overwritten): the GGUF, Modelfile, export.json, and with `--check` the hop files and reports."""
+    names = [out.name, "Modelfile", "export.json"]
+    if check:
+        names += [f"model-{hop}.gguf" for hop in hop_types(outtype) if hop != outtype] + ["report.json", "report.md"]
+    taken = [n for n in names if (out.parent / n).exists()]
+    if taken:
+        raise UserError(
+            f"export --out {out}: {', '.join(taken)} already exist{'s' if len(taken) == 1 else ''} in {out.parent} "
+            "(nothing is overwritten); give --out a file in a new or empty folder, or remove them"
+        )
+
+
 def export_run(
     run_dir: Path,
     outtype: str = "f16",
@@ -97,8 +111,11 @@ def export_run(
     if outtype not in OUTTYPES:
         raise UserError(f"GGUF export: type {outtype!r} is not supported; use one of: {', '.join(OUTTYPES)}.")
     recipe = read_recipe(RunDir(run_dir))
+    own = RunDir(run_dir).export
+    out = Path(out) if out else own / f"model-{outtype}.gguf"
+    if out.parent.resolve() != own.resolve():
+        _refuse_overwrite(out, outtype, check)  # before anything is merged or written
     model_dir, adapter = model_folder(run_dir, checkpoint, log=log)
-    out = Path(out) if out else RunDir(run_dir).export / f"model-{outtype}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     export_dir = out.parent
 
