@@ -86,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", action="store_true", help="base and every adapter side by side (with --prompt or --prompts)"
     )
     c.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="extra adapter (repeatable)")
-    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    c.add_argument("--top-p", type=float, default=0.9)
-    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0 samples")
+    c.add_argument("--top-p", type=float, help="default: the run's generation section; 0.9 without a run")
+    c.add_argument("--max-new-tokens", type=int, help="default: the run's generation section; 256 without a run")
     c.add_argument("--checkpoint", metavar="CKPT", help=checkpoint_help)
 
     from trainer.export.run import OUTTYPES
@@ -223,7 +223,7 @@ def cmd_chat(args) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else None
     prompts = chat.read_prompts(Path(args.prompts)) if args.prompts else None  # a bad file fails before loading
     models = chat.load_chat_models(run_dir, extra, args.model, source=source, with_base=args.compare)
-    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    gen = _chat_generation(args)
     if prompts is not None:
         names = models.names() if args.compare else [models.active]
         chat.run_prompts(models, prompts, names, chat.prompts_dir(run_dir), **gen)
@@ -234,6 +234,20 @@ def cmd_chat(args) -> int:
     else:
         chat.interactive(models, **gen)
     return 0
+
+
+def _chat_generation(args) -> dict:
+    """Generation settings for `trainer chat`: greedy unless --temperature > 0; --max-new-tokens and --top-p as
+    given, else the run's `generation` section (what the task's replies need), else 256 and 0.9."""
+    gen = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 0.9}
+    if args.run_dir:
+        from trainer.artifacts import read_recipe
+        from trainer.run_dir import RunDir
+
+        g = read_recipe(RunDir(args.run_dir)).generation
+        gen.update(max_new_tokens=g.max_new_tokens, top_p=g.top_p)
+    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    return {**gen, **{k: v for k, v in given.items() if v is not None}}
 
 
 def cmd_export(args) -> int:

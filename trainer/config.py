@@ -212,14 +212,17 @@ class TrainArgs:
 
 @dataclass(frozen=True)
 class GenerationArgs:
-    """The `generation:` section: how `trainer eval` and `trainer chat` sample replies."""
+    """The `generation:` section: how `trainer eval`, `trainer chat` and the exported Modelfile generate replies."""
 
     max_new_tokens: int = 128
-    """Most tokens generated per reply; generation also stops at the end-of-turn tokens."""
+    """Most tokens generated per reply (eval, chat unless --max-new-tokens, the Modelfile's num_predict);
+    generation also stops at the end-of-turn tokens."""
     temperature: float = 0.7
-    """Sampling temperature (> 0) of the sampled generations; greedy replies ignore it."""
+    """Sampling temperature (> 0) of eval's sampled generations and the Modelfile; greedy replies (exact match,
+    `trainer chat` unless --temperature) ignore it."""
     top_p: float = 0.9
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p, in (0, 1]."""
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p, in (0, 1] (eval's
+    sampled generations, chat, the Modelfile)."""
     num_samples: int = 4
     """Test prompts shown with base and tuned replies in the eval report."""
 
@@ -787,6 +790,10 @@ def _yaml_value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
 
 
+PIPE = "\\|"
+"""A `|` inside a markdown table cell (GitHub's tables split cells on a bare `|`, code spans included)."""
+
+
 def reference_markdown() -> str:
     """The README's recipe reference, generated from the dataclasses above: one table per section (key, default,
     meaning). `python -m trainer.config README.md` rewrites it between the README's reference markers."""
@@ -798,7 +805,8 @@ def reference_markdown() -> str:
         instance = cls()
         for f in fields(cls):
             value = _yaml_value(getattr(instance, f.name))
-            lines.append(f"| `{name}.{f.name}` | `{value}` | {docs.get(f.name, '').replace('|', '/')} |")
+            meaning = docs.get(f.name, "").replace("|", PIPE)
+            lines.append(f"| `{name}.{f.name}` | `{value}` | {meaning} |")
         lines.append("")
     lines += [
         "#### top level",

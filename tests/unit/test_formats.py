@@ -106,6 +106,9 @@ def test_sharegpt_roles_and_function_calls():
     ]
     with pytest.raises(UserError, match="turn 0 has unknown 'from' value 'robot'; use one of system, human"):
         row_to_messages({"conversations": [{"from": "robot", "value": "x"}]}, "sharegpt")
+    bad = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "function_call", "value": "notjson"}]}
+    with pytest.raises(UserError, match=r"turn 1: a function_call value must be a JSON object .*got 'notjson'"):
+        row_to_messages(bad, "sharegpt")
 
 
 TOOL_TEMPLATE = (

@@ -302,8 +302,13 @@ def _sharegpt(value, column: str) -> list[dict]:
         msg = {**extra, "role": SHAREGPT_ROLES[speaker], "content": text}
         if speaker == "function_call":
             call = _tool_call(text)
-            if call is not None:
-                msg.update(content="", tool_calls=[call])
+            if call is None:
+                shown = text if len(text) <= 40 else text[:37] + "..."
+                raise UserError(
+                    f'{where}: a function_call value must be a JSON object {{"name": ..., "arguments": ...}} '
+                    f"(it becomes a tool call); got {shown!r}. Fix the row, or give it as 'gpt' if it is a reply"
+                )
+            msg.update(content="", tool_calls=[call])
         out.append(msg)
     return out
 
