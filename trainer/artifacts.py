@@ -46,7 +46,32 @@ def read_recipe(run: RunDir):
             f"{run.root}: not a run folder (no {run.marker.name} and config.yaml); pass the output_dir of a "
             "`trainer train` run"
         )
-    return load_recipe(run.config)
+    return _paths_from_training_cwd(load_recipe(run.config), run)
+
+
+def _paths_from_training_cwd(recipe, run: RunDir):
+    """The recipe with its relative local paths (model, data files, a Jinja chat template) made absolute against
+    the folder training ran in, when they are not found from here: post-training commands work from any folder.
+    Paths found from here, absolute paths and hub ids are kept as written."""
+    import dataclasses
+
+    cwd = run.training_cwd()
+    if cwd is None:
+        return recipe
+
+    def fix(value):
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute() or Path(value).exists():
+            return value
+        there = cwd / value
+        return str(there) if there.exists() else value
+
+    m, d = recipe.model, recipe.data
+    datasets = [{**e, "path": fix(e.get("path"))} for e in d.datasets] if d.datasets else d.datasets
+    return dataclasses.replace(
+        recipe,
+        model=dataclasses.replace(m, name_or_path=fix(m.name_or_path)),
+        data=dataclasses.replace(d, path=fix(d.path), datasets=datasets, chat_template=fix(d.chat_template)),
+    )
 
 
 def tuned_source(run_dir, checkpoint: str | Path | None = None, log=print) -> Tuned:

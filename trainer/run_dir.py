@@ -28,6 +28,7 @@ overwritten, and `--fresh` moves aside only run folders.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -149,11 +150,21 @@ class RunDir:
             return False
 
     def write_marker(self, recipe_hash: str) -> None:
-        """Create the folder if needed and mark it as a run of the recipe with this hash (atomic)."""
+        """Create the folder if needed and mark it as a run of the recipe with this hash (atomic). The marker also
+        keeps the folder training ran in (`cwd`): the recipe's relative paths are relative to it."""
         from trainer.files import atomic_write_text
 
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.marker, json.dumps({"format": MARKER_FORMAT, "recipe_hash": recipe_hash}) + "\n")
+        mark = {"format": MARKER_FORMAT, "recipe_hash": recipe_hash, "cwd": os.getcwd()}
+        atomic_write_text(self.marker, json.dumps(mark) + "\n")
+
+    def training_cwd(self) -> Path | None:
+        """The folder training ran in (the marker's `cwd`), or None (no marker, or written before it kept one)."""
+        try:
+            cwd = json.loads(self.marker.read_text()).get("cwd")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return Path(cwd) if isinstance(cwd, str) and cwd else None
 
 
 NEW, RESUME, FRESH, RESTART = "new", "resume", "fresh", "restart"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,8 @@ def test_missing_empty_and_marker_only_folders_are_new(tmp_path):
     assert check_output_dir(RunDir(tmp_path / "run"), r) == NEW
     RunDir(tmp_path / "run").write_marker("abc")
     assert check_output_dir(RunDir(tmp_path / "run"), r, fresh=True) == NEW
-    assert json.loads((tmp_path / "run" / ".trainer-run").read_text()) == {"format": 1, "recipe_hash": "abc"}
+    mark = {"format": 1, "recipe_hash": "abc", "cwd": os.getcwd()}
+    assert json.loads((tmp_path / "run" / ".trainer-run").read_text()) == mark
 
 
 def test_a_file_or_a_path_under_a_file_is_refused(tmp_path):
@@ -113,3 +115,29 @@ def test_an_unfinished_run_without_checkpoints(tmp_path):
         check_output_dir(run, recipe(tmp_path, data={"max_seq_len": 64}))
     run.metrics.write_text("step,loss\r\n")  # it trained nothing: a breaking change is no loss
     assert check_output_dir(run, recipe(tmp_path, data={"max_seq_len": 64})) == RESTART
+
+
+def test_post_training_commands_find_the_recipes_relative_paths_from_any_folder(tmp_path, monkeypatch):
+    """config.yaml keeps the recipe as written (relative paths are relative to where training ran); the marker
+    keeps that folder, and `artifacts.read_recipe` resolves them from anywhere else. Hub ids and built-in
+    template names stay as written."""
+    import yaml
+
+    from trainer.artifacts import read_recipe
+
+    work = tmp_path / "work"
+    (work / "model-x").mkdir(parents=True)
+    (work / "d.jsonl").write_text("{}\n")
+    monkeypatch.chdir(work)
+    run = RunDir(work / "runs" / "a")
+    run.write_marker("hash")
+    recipe = {"model": {"name_or_path": "model-x"}, "data": {"path": "d.jsonl", "chat_template": "chatml"}}
+    run.config.write_text(yaml.safe_dump({**recipe, "output_dir": "runs/a"}))
+    here = read_recipe(run)
+    assert (here.model.name_or_path, here.data.path) == ("model-x", "d.jsonl")  # found from here: as written
+    monkeypatch.chdir(tmp_path)
+    there = read_recipe(RunDir(work / "runs" / "a"))
+    assert (there.model.name_or_path, there.data.path) == (str(work / "model-x"), str(work / "d.jsonl"))
+    assert there.data.chat_template == "chatml"
+    run.config.write_text(yaml.safe_dump({**recipe, "model": {"name_or_path": "org/hub-model"}}))
+    assert read_recipe(run).model.name_or_path == "org/hub-model"
