@@ -299,7 +299,7 @@ def cmd_sweep(args) -> int:
         gpus=args.gpus,
         gpu_mem_gib=args.gpu_mem,
         runs_root=args.runs_root,
-        show_progress=not args.no_progress,
+        show_progress=not args.no_progress and sys.stdout.isatty(),
     )
     return 0
 

@@ -30,8 +30,13 @@ def _runs(ids: list[int], labels: list[int]) -> list[tuple[int, int, bool]]:
     return out
 
 
-def sample_text(tokenizer, ids: list[int], labels: list[int]):
-    """A rich Text of the sample's decoded tokens (special tokens shown), trained runs highlighted."""
+TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
+"""Where no colour shows (output not a terminal: a pipe, a log file), trained text is written [[like this]]."""
+
+
+def sample_text(tokenizer, ids: list[int], labels: list[int], colour: bool = True):
+    """A rich Text of the sample's decoded tokens (special tokens shown), trained runs highlighted in colour, or
+    (colour=False) between TRAINED_OPEN and TRAINED_CLOSE."""
     from rich.text import Text
 
     text = Text()
@@ -40,6 +45,8 @@ def sample_text(tokenizer, ids: list[int], labels: list[int]):
         upto = tokenizer.decode(ids[:end], skip_special_tokens=False)
         piece = upto[len(done) :] if upto.startswith(done) else tokenizer.decode(ids[start:end])
         done = upto
+        if trained and not colour:
+            piece = f"{TRAINED_OPEN}{piece}{TRAINED_CLOSE}"
         text.append(piece, style="bold black on green" if trained else "dim")
     return text
 
@@ -83,13 +90,15 @@ def data_command(recipe, *, show: int = 0, jsonl: Path | None = None, console=No
         sample["row"] = row
     for sample in samples[: max(show, 0)]:
         n_target = sum(1 for x in sample["labels"] if x != IGNORE)
+        colour = console.is_terminal
+        how = "highlighted" if colour else f"between {TRAINED_OPEN} {TRAINED_CLOSE}"
         console.print(
             f"--- sample {sample['sample_id']} (row {sample['row']}): {len(sample['input_ids'])} tokens, "
-            f"{n_target} trained (highlighted)",
+            f"{n_target} trained ({how})",
             markup=False,
             soft_wrap=True,
         )
-        console.print(sample_text(tok, sample["input_ids"], sample["labels"]), soft_wrap=True)
+        console.print(sample_text(tok, sample["input_ids"], sample["labels"], colour), soft_wrap=True)
     if jsonl is not None:
         write_jsonl(samples, Path(jsonl))
         console.print(f"data: wrote {len(samples)} train samples to {jsonl}", markup=False, soft_wrap=True)
