@@ -186,7 +186,7 @@ def test_sweep_screens_points_with_the_estimator_before_training(recipe, tmp_pat
     for name in POINTS:
         assert f"sweep: {name}: SKIPPED, does not fit on 1 x 0.5 GiB" in "\n".join(lines)
     assert [p["status"] for p in record["points"]] == ["skipped"] * 3
-    assert sorted(p.name for p in (tmp_path / "sums").iterdir()) == ["sweep.json"]
+    assert sorted(p.name for p in (tmp_path / "sums").iterdir()) == [".trainer-sweep", "sweep.json"]
 
 
 def test_screen_skips_only_the_points_that_do_not_fit(recipe, tmp_path):
