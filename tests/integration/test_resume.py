@@ -709,6 +709,7 @@ def test_non_finite_on_one_rank_is_skipped_by_all_ranks_and_logged_with_every_ra
 
 
 # ----------------------------------------------------------------------------------------------- data changes, mixes
+@pytest.mark.slow  # ~20 s: keeps the fast loop under a minute
 def test_case13_resume_after_the_data_changed_is_refused_then_restored_data_resumes(tmp_path, tiny_model_dir):
     """Case 13: the data file edited in place between runs: refused in one line naming what changed, exit 2, the
     checkpoint untouched; with the old file back the same command resumes."""

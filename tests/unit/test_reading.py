@@ -211,6 +211,7 @@ def test_text_that_is_not_utf8_names_the_byte(tmp_path, tokenizer, name):
     )
 
 
+@pytest.mark.slow  # ~20 s: keeps the fast loop under a minute
 def test_hub_id_that_cannot_be_loaded_is_one_line(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
