@@ -110,6 +110,10 @@ def export_run(
     outtype = str(outtype).lower()
     if outtype not in OUTTYPES:
         raise UserError(f"GGUF export: type {outtype!r} is not supported; use one of: {', '.join(OUTTYPES)}.")
+    if check or outtype in LLAMA_CPP_FTYPES:
+        from trainer.export.quantize import require_llama_cpp
+
+        require_llama_cpp("--check" if check else outtype)  # one line before anything is merged or written
     recipe = read_recipe(RunDir(run_dir))
     own = RunDir(run_dir).export
     out = Path(out) if out else own / f"model-{outtype}.gguf"
