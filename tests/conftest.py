@@ -213,6 +213,14 @@ LAUNCHER_VARS = (
 )
 
 
+def accelerate_cmd(config: str, *args: str, processes: int | str | None = None) -> list[str]:
+    """`accelerate launch --config_file CONFIG [--num_processes N] --main_process_port FREE ARGS...` with this
+    interpreter; CONFIG relative to the repository root (run it with cwd=ROOT)."""
+    nproc = ["--num_processes", str(processes)] if processes is not None else []
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *nproc]
+    return [*launch, "--main_process_port", str(free_port()), *args]
+
+
 def clean_env(cpu_only: bool = True, **extra: str) -> dict:
     """The environment for a child process: no launcher or accelerate variables inherited from a surrounding
     launch, this checkout first on PYTHONPATH (scripts run by path put their own folder first), one thread per

@@ -34,6 +34,8 @@ import json
 import random
 from pathlib import Path
 
+from trainer.demo_task import MONTHS  # spelled out there, locale-independent
+
 # ----------------------------------------------------------------------------------------------- banks
 WORDS = [
     "apple",
@@ -408,20 +410,6 @@ def _ordinal(n: int) -> str:
     return f"{n}{'th' if 11 <= n % 100 <= 13 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
-MONTHS = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-]
 DAYS_IN_MONTH = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
 
 

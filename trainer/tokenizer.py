@@ -121,7 +121,8 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) ->
         ) from None
 
 
-def _common_prefix(a: str, b: str) -> int:
+def common_prefix_len(a: str, b: str) -> int:
+    """How many leading characters `a` and `b` share: where two renders of a conversation start to differ."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -151,7 +152,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         full = render_chat(tokenizer, PROBE, add_generation_prompt=False)
     except TemplateRefused as err:
         raise UserError(f"chat template: cannot render a one-turn user/assistant conversation: {err}") from None
-    start = _common_prefix(prompt, full)
+    start = common_prefix_len(prompt, full)
     reply = PROBE[1]["content"]
     found = full.find(reply, start)
     after = found + len(reply) if found >= 0 else start

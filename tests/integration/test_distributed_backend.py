@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, clean_env, free_port, run_bounded
+from tests.conftest import ROOT, accelerate_cmd, clean_env, run_bounded
 
 TIMEOUT_S = 240
 WORLD = 2
@@ -108,21 +108,8 @@ def launch(config: str, tmp: Path) -> list[dict]:
     script.write_text(WORKER)
     out = tmp / "out"
     out.mkdir()
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        f"accelerate_configs/{config}",
-        "--main_process_port",
-        str(free_port()),
-        str(script),
-        str(out),
-        str(GRAD_ACCUM),
-        str(MICRO_BATCH),
-        str(STEPS),
-        str(MAX_GRAD_NORM),
-    ]
+    args = [script, out, GRAD_ACCUM, MICRO_BATCH, STEPS, MAX_GRAD_NORM]
+    cmd = accelerate_cmd(f"accelerate_configs/{config}", *map(str, args))
     t0 = time.perf_counter()
     # CWD = repo root: the yaml's json path is relative
     res = run_bounded(cmd, cwd=ROOT, env=clean_env(), timeout=TIMEOUT_S)

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, alpaca_slice, clean_env, free_port, run_bounded, tiny_recipe, write_recipe
+from tests.conftest import ROOT, accelerate_cmd, alpaca_slice, clean_env, run_bounded, tiny_recipe, write_recipe
 
 WORLD = 2
 MICRO, ACCUM = 2, 2  # per rank; the global batch is MICRO * ACCUM * WORLD = 8 rows
@@ -109,16 +109,7 @@ def train_cli(tmp: Path, raw: dict, config: str | None, *extra: str, expect: int
     if config is None:
         cmd = [sys.executable, *cli]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            f"accelerate_configs/{config}",
-            "--main_process_port",
-            str(free_port()),
-            *cli,
-        ]
+        cmd = accelerate_cmd(f"accelerate_configs/{config}", *cli)
     t0 = time.perf_counter()
     res = run_bounded(cmd, cwd=ROOT, env=clean_env(), timeout=LAUNCH_TIMEOUT_S)
     run = Run(Path(raw["output_dir"]), res, time.perf_counter() - t0)

@@ -33,7 +33,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, alpaca_slice, clean_env, free_port, run_checked, tiny_recipe, write_recipe
+from tests.conftest import ROOT, accelerate_cmd, alpaca_slice, clean_env, run_checked, tiny_recipe, write_recipe
 from trainer import checkpoint
 from trainer.loop import PREEMPTED_EXIT
 from trainer.tracking import CSV_FIELDS
@@ -100,21 +100,9 @@ sys.exit(main(sys.argv[1:]))
 # ----------------------------------------------------------------------------------------------- helpers
 def ddp_cmd(script: list[str], recipe: Path) -> list[str]:
     """2 processes, DDP over gloo; `script`: ["-m", "trainer"] or [path.py]."""
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        "accelerate_configs/cpu_gloo_ddp.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        *script,
-        "train",
-        str(recipe),
-        "--no-progress",
-    ]
+    return accelerate_cmd(
+        "accelerate_configs/cpu_gloo_ddp.yaml", *script, "train", str(recipe), "--no-progress", processes=2
+    )
 
 
 def env(**extra) -> dict:

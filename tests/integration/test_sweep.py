@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import clean_env, free_port, run_cli, tiny_recipe, write_jsonl
+from tests.conftest import accelerate_cmd, clean_env, run_cli, tiny_recipe, write_jsonl
 from trainer.loop import PREEMPTED_EXIT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,16 +255,8 @@ def test_a_failed_point_is_recorded_and_the_others_still_run(recipe, tmp_path, m
 def test_a_sweep_under_accelerate_launch_runs_every_point_under_it(recipe, tmp_path):
     """2 processes, DDP over gloo: both points train with world_size 2 (accelerate's state is reset between points,
     its process group kept), rank 0 alone logs, writes the record and the comparison."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
+    cmd = accelerate_cmd(
         "accelerate_configs/cpu_gloo_ddp.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
         "-m",
         "trainer",
         "sweep",
@@ -273,7 +265,8 @@ def test_a_sweep_under_accelerate_launch_runs_every_point_under_it(recipe, tmp_p
         "--runs-root",
         str(tmp_path),
         "--no-progress",
-    ]
+        processes=2,
+    )
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=clean_env())
     assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     text = out.stdout + out.stderr

@@ -31,8 +31,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_recipe
-from tests.integration.test_distributed_backend import clean_env, free_port, run_bounded
+from tests.conftest import accelerate_cmd, tiny_recipe
+from tests.integration.test_distributed_backend import clean_env, run_bounded
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow  # real multi-process launches, 20-50 s each
@@ -112,18 +112,7 @@ def launch(tmp: Path, raw: dict, where: str, *, script: Path | None = None, conf
     if where == "single":
         cmd = [sys.executable, *cli]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            config or "accelerate_configs/cpu_gloo_zero2.yaml",
-            "--num_processes",
-            where[-1],
-            "--main_process_port",
-            str(free_port()),
-            *cli,
-        ]
+        cmd = accelerate_cmd(config or "accelerate_configs/cpu_gloo_zero2.yaml", *cli, processes=where[-1])
     res = run_bounded(cmd, cwd=ROOT, env={**clean_env(), **env}, timeout=TIMEOUT_S)
     (tmp / "log.txt").write_text(res.stdout)
     if expect is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from trainer.config import DataArgs
 from trainer.errors import UserError
-from trainer.tokenizer import encode_chat, render_chat
+from trainer.tokenizer import common_prefix_len, encode_chat, render_chat
 
 IGNORE = -100
 """Label of a position with no loss (PyTorch's cross-entropy ignore_index)."""
@@ -36,14 +36,6 @@ splits on or shares a first or last character with them)."""
 def render(tokenizer, messages, add_generation_prompt: bool) -> str:
     """The conversation as the chat template writes it (`trainer.tokenizer.render_chat`)."""
     return render_chat(tokenizer, messages, add_generation_prompt)
-
-
-def _prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _suffix_len(a: str, b: str, limit: int) -> int:
@@ -99,7 +91,7 @@ def _content_region(tokenizer, messages: list[dict], i: int, text: str) -> tuple
     other = render(tokenizer, alt, add_generation_prompt=False)
     if other == text:
         return None
-    a = _prefix_len(text, other)
+    a = common_prefix_len(text, other)
     b = _suffix_len(text, other, min(len(text), len(other)) - a)
     return a, len(text) - b
 
@@ -112,11 +104,11 @@ def _reply_start(tokenizer, messages: list[dict], i: int, prompt: str, full: str
     then the start is where they part. When the template renders the conversation *before* turn i differently in
     the prompt than in `full`, the start is found after the generation prompt's text, searched from `after` (the
     end of the previous reply)."""
-    c = _prefix_len(prompt, full)
+    c = common_prefix_len(prompt, full)
     if c == len(prompt) or not i:
         return c
     history = render(tokenizer, messages[:i], add_generation_prompt=False)
-    h = _prefix_len(prompt, history)  # the generation prompt is prompt[h:]
+    h = common_prefix_len(prompt, history)  # the generation prompt is prompt[h:]
     if c >= h:
         return c
     gen = prompt[h:]
@@ -164,7 +156,7 @@ def reply_spans(tokenizer, messages: list[dict], full: str, rewritten: str):
             separate.append(i)
             prev_end = e
             continue
-        end = e + _prefix_len(full[e:], turn[own_end:])
+        end = e + common_prefix_len(full[e:], turn[own_end:])
         spans.append((start, e, end, True))
         prev_end = end
     for (_, _, prev, _), (start, *_) in zip(spans, spans[1:]):
